@@ -1,0 +1,52 @@
+"""The math of hf-gloro: Lipschitz-bounded layers, guaranteed bounds and GloRo margins.
+
+Torch only; nothing here imports ``transformers``.
+"""
+
+from .activations import Flatten, MinMax, ReLU, create_activation
+from .bounded import ConstantLipschitz, LipschitzBounded
+from .composition import (
+    LipschitzSequential,
+    UnknownLipschitzError,
+    converge_power_iterates,
+    lipschitz_estimate,
+    lipschitz_upper_bound,
+)
+from .conv import LipschitzConv2d
+from .head import GloRoHead
+from .linear import LipschitzLinear
+from .margins import bottom_logit, certify_logits, gloro_logits, pairwise_row_distances
+from .normalization import InputNormalization
+from .numerics import BOUND_RELATIVE_SLACK, exact_matmul
+from .pooling import LipschitzAvgPool2d
+from .residual import LinearResidualConv2d, liresnet_residual_scale
+from .spectral_bounds import conv2d_spectral_norm_bound, dense_spectral_norm_bound
+
+__all__ = [
+    "BOUND_RELATIVE_SLACK",
+    "ConstantLipschitz",
+    "Flatten",
+    "GloRoHead",
+    "InputNormalization",
+    "LinearResidualConv2d",
+    "LipschitzAvgPool2d",
+    "LipschitzBounded",
+    "LipschitzConv2d",
+    "LipschitzLinear",
+    "LipschitzSequential",
+    "MinMax",
+    "ReLU",
+    "UnknownLipschitzError",
+    "bottom_logit",
+    "certify_logits",
+    "conv2d_spectral_norm_bound",
+    "converge_power_iterates",
+    "create_activation",
+    "dense_spectral_norm_bound",
+    "exact_matmul",
+    "gloro_logits",
+    "liresnet_residual_scale",
+    "lipschitz_estimate",
+    "lipschitz_upper_bound",
+    "pairwise_row_distances",
+]

@@ -1,0 +1,103 @@
+"""2-D convolution with a persistent power iterate at the real input size and a guaranteed FFT bound."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bounded import LipschitzBounded, reset_unit_iterate
+from .power_iteration import conv2d_operator, spectral_norm_estimate
+from .spectral_bounds import _pair, conv2d_spectral_norm_bound
+
+
+class _ConvGeometry:
+    """Shared bookkeeping of convolution-like layers whose operator depends on the input size."""
+
+    input_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    power_iterate: torch.Tensor
+
+    def effective_kernel(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _estimate(self, iterations: int, update: bool) -> torch.Tensor:
+        forward, adjoint = conv2d_operator(
+            self.effective_kernel(), self.input_size, self.stride, self.padding, self.dilation, self.groups
+        )
+        return spectral_norm_estimate(self.power_iterate, forward, adjoint, iterations, update)
+
+    def _compute_upper_bound(self) -> float:
+        return conv2d_spectral_norm_bound(
+            self.effective_kernel(), self.input_size, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        kernel = self.effective_kernel().shape[-2:]
+        return tuple(  # type: ignore[return-value]
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(self.input_size, kernel, self.stride, self.padding, self.dilation)
+        )
+
+
+class LipschitzConv2d(_ConvGeometry, LipschitzBounded, nn.Conv2d):
+    """``nn.Conv2d`` (zero padding) bounded at a fixed input size.
+
+    The operator norm of a padded convolution depends on the spatial size it is applied to, so the size is
+    part of the layer: ``input_size=(H, W)``. Inputs of another size are rejected.
+
+    Buffers:
+        power_iterate: ``(1, C_in, H, W)`` unit tensor, warm start of the power iteration (persistent).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        input_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        orthogonal_init: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if isinstance(padding, str):
+            raise ValueError("LipschitzConv2d needs explicit integer padding, not a padding string")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode="zeros", device=device, dtype=dtype)
+        self.input_size = _pair(input_size)
+        self.register_buffer(
+            "power_iterate", torch.empty(1, in_channels, *self.input_size, device=device, dtype=dtype)
+        )
+        if orthogonal_init and self.weight.device.type != "meta":
+            nn.init.orthogonal_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        self.reset_power_iterate()
+
+    def reset_power_iterate(self) -> None:
+        reset_unit_iterate(self.power_iterate)
+
+    def effective_kernel(self) -> torch.Tensor:
+        return self.weight
+
+    def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"LipschitzConv2d was bounded for inputs of size {self.input_size}, got {tuple(x.shape[-2:])}"
+            )
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", input_size={self.input_size}"

@@ -1,0 +1,41 @@
+"""Dense layer with a persistent power iterate and an exact (float64) spectral-norm bound."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bounded import LipschitzBounded, reset_unit_iterate
+from .power_iteration import dense_operator, spectral_norm_estimate
+from .spectral_bounds import dense_spectral_norm_bound
+
+
+class LipschitzLinear(LipschitzBounded, nn.Linear):
+    """``nn.Linear`` whose Lipschitz constant ``‖W‖₂`` is tracked (bias does not change it).
+
+    Buffers:
+        power_iterate: ``(in_features,)`` unit vector, warm start of the power iteration (persistent).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, orthogonal_init: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("power_iterate", torch.empty(in_features, device=device, dtype=dtype))
+        if orthogonal_init and self.weight.device.type != "meta":
+            nn.init.orthogonal_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        self.reset_power_iterate()
+
+    def reset_power_iterate(self) -> None:
+        reset_unit_iterate(self.power_iterate)
+
+    def _estimate(self, iterations: int, update: bool) -> torch.Tensor:
+        forward, adjoint = dense_operator(self.weight)
+        return spectral_norm_estimate(self.power_iterate, forward, adjoint, iterations, update)
+
+    def _compute_upper_bound(self) -> float:
+        return dense_spectral_norm_bound(self.weight)
+
+    def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)

@@ -1,0 +1,43 @@
+"""Input normalisation ``(x − μ)/σ`` folded into the bound as ``1 / min σ``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .bounded import LipschitzBounded
+
+
+class InputNormalization(LipschitzBounded, nn.Module):
+    """Per-channel ``(x − μ_c)/σ_c`` on ``(B, C, H, W)``.
+
+    A diagonal map with entries ``1/σ_c``: its L2 Lipschitz constant is ``1 / min_c |σ_c|``. Keeping it
+    inside the model lets ε and certified radii stay in the pixel scale (images in [0, 1]).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if any(float(s) <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {list(std)}")
+        self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def _estimate(self, iterations: int, update: bool) -> torch.Tensor:
+        return 1.0 / self.std.abs().min()
+
+    def _compute_upper_bound(self) -> float:
+        std = self.std.detach().to(torch.float64)
+        if not torch.isfinite(std).all() or (std <= 0).any():
+            raise ValueError("input normalisation std must be finite and positive")
+        # 1/σ rounded up: the float64 reciprocal is within one ulp.
+        return (1.0 / float(std.min())) * (1.0 + 1e-15)
+
+    def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
+        return (self.std,)

@@ -1,0 +1,92 @@
+"""Warm-started power iteration: a cheap, differentiable *estimate* (from below) of a spectral norm.
+
+Used for training only. The iterate is a persistent buffer of the owning layer, so it is saved with the
+weights, restored by ``from_pretrained`` and continues where it stopped (one warm-started continuation
+per training step). Gradients flow only through the final ``‖A v‖`` with ``v`` detached, which is the
+gradient of ``σ_max`` when ``v`` is the top right-singular vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LinearMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def normalize_or_resample(vector: torch.Tensor) -> torch.Tensor:
+    """``v / ‖v‖``; a zero vector is replaced by a fresh random direction.
+
+    No additive epsilon: ``v / (‖v‖ + eps)`` under-estimates small norms (gloro issue #8).
+    """
+    norm = vector.norm()
+    if norm == 0 or not torch.isfinite(norm):
+        vector = torch.randn_like(vector)
+        norm = vector.norm()
+    return vector / norm
+
+
+@torch.no_grad()
+def power_iterate(iterate: torch.Tensor, forward: LinearMap, adjoint: LinearMap, iterations: int) -> torch.Tensor:
+    """Run ``iterations`` steps of ``v ← normalize(Aᵀ A v)`` from ``iterate``; returns a unit vector."""
+    vector = normalize_or_resample(iterate)
+    for _ in range(iterations):
+        vector = normalize_or_resample(adjoint(forward(vector)))
+    return vector
+
+
+def spectral_norm_estimate(
+    iterate: torch.Tensor, forward: LinearMap, adjoint: LinearMap, iterations: int, update: bool = True
+) -> torch.Tensor:
+    """Differentiable power-iteration estimate ``‖A v‖`` of ``σ_max(A)``, warm-started from ``iterate``.
+
+    When ``update`` is true the buffer ``iterate`` is overwritten in place with the new unit vector. The
+    differentiable expression uses a *copy*, so autograd never sees the in-place update.
+    """
+    vector = power_iterate(iterate, forward, adjoint, iterations)
+    if update:
+        with torch.no_grad():
+            iterate.copy_(vector)
+    return forward(vector.clone()).norm()
+
+
+def dense_operator(weight: torch.Tensor) -> tuple[LinearMap, LinearMap]:
+    """``(v ↦ W v, u ↦ Wᵀ u)`` for a dense weight ``(out, in)`` acting on vectors of shape ``(in,)``."""
+    return (lambda v: weight @ v), (lambda u: weight.t() @ u)
+
+
+def conv_output_padding(
+    input_size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """``output_padding`` that makes ``conv_transpose2d`` return exactly ``input_size`` (the true adjoint)."""
+    result = []
+    for n, k, s, p, d in zip(input_size, kernel_size, stride, padding, dilation):
+        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        result.append(n - ((out - 1) * s - 2 * p + d * (k - 1) + 1))
+    return tuple(result)  # type: ignore[return-value]
+
+
+def conv2d_operator(
+    kernel: torch.Tensor,
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> tuple[LinearMap, LinearMap]:
+    """Forward and exact adjoint of a zero-padded convolution on ``(1, C_in, *input_size)`` tensors."""
+    output_padding = conv_output_padding(input_size, kernel.shape[-2:], stride, padding, dilation)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, kernel, None, stride, padding, dilation, groups)
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(y, kernel, None, stride, padding, output_padding, groups, dilation)
+
+    return forward, adjoint
