@@ -63,7 +63,7 @@ def weights_fingerprint(*tensors: torch.Tensor) -> tuple:
                 tensor._version,
                 tuple(detached.shape),
                 str(detached.dtype),
-                int(torch.hash_tensor(detached.contiguous().flatten())),
+                torch.hash_tensor(detached.contiguous().flatten()).view(torch.int64).item(),
             )
         )
     return tuple(parts)

@@ -1,0 +1,113 @@
+"""``GloRoConfig``: the configuration of a GloRo image classifier over a timm-registered Lipschitz backbone."""
+
+# No `from __future__ import annotations` here: huggingface_hub's strict dataclasses skip string annotations.
+import math
+from typing import Any, Literal
+
+import timm
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from . import models as _registered_backbones  # noqa: F401  (registers the backbones in timm)
+
+
+@strict
+class GloRoConfig(PreTrainedConfig):
+    r"""Configuration of :class:`~hf_gloro.GloRoForImageClassification`.
+
+    A GloRo net appends a bottom logit ``y_⊥ = max_{i≠j}(y_i + ε·K_ji)`` to the ``m`` class logits, with
+    ``K_ji = k·‖w_j − w_i‖₂`` and ``k`` a bound on the Lipschitz constant of pixels → features. Whenever ⊥
+    does not win, the prediction is certified constant on the L2 ball of radius ``epsilon`` (pixel scale,
+    images in [0, 1]).
+
+    Args:
+        backbone (`str`): name of a Lipschitz backbone in timm's registry (``gloro_2c2f``,
+            ``liresnet_l12w512``, ...; see ``timm.list_models("gloro*")``).
+        backbone_kwargs (`dict`, *optional*): extra keyword arguments for ``timm.create_model``.
+        num_channels (`int`): input channels (1 for MNIST, 3 for RGB).
+        image_size (`int`): input height = width; the backbone's bound is computed at this size.
+        epsilon (`float`): certifying L2 radius, in the pixel scale ([0, 1] images). Must be > 0.
+        norm (`str`): the threat model's norm; only ``"l2"``.
+        lipschitz_constant (`float`, *optional*): the guaranteed bound on Lip(pixels → features) recorded
+            at save time. Informational: on load it is recomputed from the weights, and a recorded value
+            below the recomputed bound makes loading fail.
+        head_normalization (`str`): ``"none"`` or ``"lln"`` (unit-norm head rows, as in LiResNet).
+        power_iterations (`int`): power-iteration steps per training forward pass.
+        image_mean, image_std (`list[float]`, *optional*): per-channel normalisation applied *inside*
+            the model (``(x − μ)/σ``, folded into the bound as ``1/min σ``). Default: the backbone's
+            ``pretrained_cfg`` values.
+    Example:
+
+    ```python
+    >>> import hf_gloro
+    >>> config = hf_gloro.GloRoConfig(backbone="gloro_2c2f", num_channels=1, image_size=28, epsilon=0.3)
+    >>> model = hf_gloro.GloRoForImageClassification(config)
+    ```
+    """
+
+    model_type = "gloro"
+
+    backbone: str = "gloro_2c2f"
+    backbone_kwargs: dict[str, Any] | None = None
+    num_channels: int = 1
+    image_size: int = 28
+    epsilon: float | int = 0.3
+    norm: Literal["l2"] = "l2"
+    lipschitz_constant: float | int | None = None
+    head_normalization: Literal["none", "lln"] = "none"
+    power_iterations: int = 10
+    image_mean: list[float | int] | None = None
+    image_std: list[float | int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.image_mean is None or self.image_std is None:
+            defaults = _backbone_normalization(self.backbone, self.num_channels)
+            if self.image_mean is None:
+                self.image_mean = defaults[0]
+            if self.image_std is None:
+                self.image_std = defaults[1]
+        super().__post_init__(**kwargs)
+
+    def validate_epsilon(self):
+        if isinstance(self.epsilon, bool) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
+
+    def validate_backbone(self):
+        if not timm.is_model(self.backbone):
+            known = ", ".join(timm.list_models("gloro*") + timm.list_models("liresnet*"))
+            raise ValueError(f"unknown backbone {self.backbone!r}; registered Lipschitz backbones: {known}")
+
+    def validate_shapes(self):
+        if self.num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {self.num_channels}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.power_iterations < 1:
+            raise ValueError(f"power_iterations must be >= 1, got {self.power_iterations}")
+
+    def validate_normalization(self):
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.num_channels:
+                raise ValueError(f"{name} has {len(values)} entries but num_channels is {self.num_channels}")
+        if self.image_std is not None and any(not (s > 0 and math.isfinite(s)) for s in self.image_std):
+            raise ValueError(f"image_std must be finite and > 0, got {self.image_std}")
+
+    def validate_lipschitz_constant(self):
+        if self.lipschitz_constant is not None and not (
+            math.isfinite(self.lipschitz_constant) and self.lipschitz_constant > 0
+        ):
+            raise ValueError(f"lipschitz_constant must be finite and > 0, got {self.lipschitz_constant}")
+
+
+def _backbone_normalization(backbone: str, channels: int) -> tuple[list[float], list[float]]:
+    """Mean/std from the backbone's timm ``pretrained_cfg`` (zeros/ones when unknown or mismatched)."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone)
+    except Exception:  # unknown backbone: validate_backbone reports it
+        cfg = None
+    mean = list(getattr(cfg, "mean", ()) or ())
+    std = list(getattr(cfg, "std", ()) or ())
+    if len(mean) != channels or len(std) != channels:
+        return [0.0] * channels, [1.0] * channels
+    return [float(m) for m in mean], [float(s) for s in std]
