@@ -8,7 +8,7 @@ import timm
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from . import models as _registered_backbones  # noqa: F401  (registers the backbones in timm)
+from .models import LIPSCHITZ_BACKBONES
 
 
 @strict
@@ -73,9 +73,10 @@ class GloRoConfig(PreTrainedConfig):
             raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
 
     def validate_backbone(self):
-        if not timm.is_model(self.backbone):
-            known = ", ".join(timm.list_models("gloro*") + timm.list_models("liresnet*"))
-            raise ValueError(f"unknown backbone {self.backbone!r}; registered Lipschitz backbones: {known}")
+        if self.backbone not in LIPSCHITZ_BACKBONES or not timm.is_model(self.backbone):
+            known = ", ".join(sorted(LIPSCHITZ_BACKBONES))
+            kind = "is not a Lipschitz-bounded backbone" if timm.is_model(self.backbone) else "is unknown"
+            raise ValueError(f"backbone {self.backbone!r} {kind}; registered Lipschitz backbones: {known}")
 
     def validate_shapes(self):
         if self.num_channels < 1:

@@ -59,10 +59,10 @@ class ConstantLipschitz(LipschitzBounded):
 def reset_unit_iterate(buffer: torch.Tensor) -> None:
     """Fill a power-iteration buffer with a random unit vector.
 
-    Uses ``nn.init.normal_`` so that ``transformers``' loading guard skips buffers restored from a
-    checkpoint (a plain ``buffer.normal_()`` would overwrite them).
+    Buffers restored from a checkpoint by ``transformers`` (flagged ``_is_hf_initialized``) and buffers
+    on the meta device are left alone.
     """
-    if buffer.device.type == "meta":
+    if buffer.device.type == "meta" or getattr(buffer, "_is_hf_initialized", False):
         return
     with torch.no_grad():
         nn.init.normal_(buffer)

@@ -15,6 +15,9 @@ class InputNormalization(LipschitzBounded, nn.Module):
 
     A diagonal map with entries ``1/σ_c``: its L2 Lipschitz constant is ``1 / min_c |σ_c|``. Keeping it
     inside the model lets ε and certified radii stay in the pixel scale (images in [0, 1]).
+
+    ``mean``/``std`` are constructor arguments (the model's config), held in non-persistent buffers: a
+    checkpoint cannot change them behind the config's back.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -23,8 +26,15 @@ class InputNormalization(LipschitzBounded, nn.Module):
             raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
         if any(float(s) <= 0 for s in std):
             raise ValueError(f"std must be positive, got {list(std)}")
-        self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, -1, 1, 1))
+        self._values = ([float(m) for m in mean], [float(s) for s in std])
+        self.register_buffer("mean", torch.tensor(self._values[0]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self._values[1]).view(1, -1, 1, 1), persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Rebuild the buffers from the constructor values (``from_pretrained`` leaves them uninitialised)."""
+        with torch.no_grad():
+            self.mean.copy_(torch.tensor(self._values[0]).view(1, -1, 1, 1))
+            self.std.copy_(torch.tensor(self._values[1]).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -1,7 +1,7 @@
 """Lipschitz backbones, registered in timm's model registry on import."""
 
-from .base import LipschitzBackbone
+from .base import LIPSCHITZ_BACKBONES, LipschitzBackbone, register_lipschitz_model
 from .gloro_convnets import GloRoConvNet
 from .liresnet import LiResNet
 
-__all__ = ["GloRoConvNet", "LiResNet", "LipschitzBackbone"]
+__all__ = ["LIPSCHITZ_BACKBONES", "GloRoConvNet", "LiResNet", "LipschitzBackbone", "register_lipschitz_model"]

@@ -8,6 +8,39 @@ from torch import nn
 from ..lipschitz import GloRoHead, LipschitzSequential
 
 
+#: Names of the timm models that follow the Lipschitz-backbone protocol (filled by the decorator below).
+LIPSCHITZ_BACKBONES: set[str] = set()
+
+
+def register_lipschitz_model(fn):
+    """``timm.models.register_model`` that also records the name as a Lipschitz backbone.
+
+    Third-party packages can register their own backbones with it, as long as the model class provides
+    ``num_features``, ``lipschitz_estimate()`` and ``lipschitz_upper_bound()`` (see :class:`LipschitzBackbone`).
+    """
+    from timm.models import register_model
+
+    LIPSCHITZ_BACKBONES.add(fn.__name__)
+    return register_model(fn)
+
+
+def build_backbone(cls: type, variant: str, pretrained: bool, **kwargs) -> "LipschitzBackbone":
+    """``timm.build_model_with_cfg`` plus a ``pretrained_cfg`` whose ``input_size``/``mean``/``std`` match
+    the channels and size the model was actually built for (so ``resolve_data_config`` is right)."""
+    from timm.models import build_model_with_cfg
+
+    model = build_model_with_cfg(cls, variant, pretrained, **kwargs)
+    cfg = dict(model.pretrained_cfg)
+    channels, size = model.in_chans, model.img_size
+    cfg["input_size"] = (channels, size, size)
+    for key in ("mean", "std"):
+        values = tuple(cfg.get(key) or ())
+        if len(values) != channels:
+            cfg[key] = (values[0],) * channels if values else ((0.0 if key == "mean" else 1.0),) * channels
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
 class LipschitzBackbone(nn.Module):
     """A timm-style classifier ``head(features(x))`` whose ``features`` map has a known Lipschitz bound.
 

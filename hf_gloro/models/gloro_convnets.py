@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from ..lipschitz import Flatten, LipschitzConv2d, LipschitzLinear, LipschitzSequential, create_activation
-from .base import LipschitzBackbone
+from .base import LipschitzBackbone, build_backbone, register_lipschitz_model
 
 ConvSpec = tuple[int, int, int]  # (out_channels, kernel, stride)
 
@@ -51,7 +51,7 @@ class GloRoConvNet(LipschitzBackbone):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> GloRoConvNet:
-    return build_model_with_cfg(GloRoConvNet, variant, pretrained, **kwargs)
+    return build_backbone(GloRoConvNet, variant, pretrained, **kwargs)
 
 
 def _cfg(in_chans: int, size: int, num_classes: int, **kwargs) -> dict:
@@ -86,28 +86,28 @@ def _defaults(cfg_name: str, kwargs: dict) -> dict:
     return kwargs
 
 
-@register_model
+@register_lipschitz_model
 def gloro_2c2f(pretrained: bool = False, **kwargs) -> GloRoConvNet:
     """GloRo 2C2F (MNIST ε=0.3): C16k4s2 → C32k4s2 → D100 → head."""
     model_args = dict(convs=[(16, 4, 2), (32, 4, 2)], dense=[100])
     return _create("gloro_2c2f", pretrained, **dict(model_args, **_defaults("gloro_2c2f", kwargs)))
 
 
-@register_model
+@register_lipschitz_model
 def gloro_4c3f(pretrained: bool = False, **kwargs) -> GloRoConvNet:
     """GloRo 4C3F (MNIST ε=1.58): C32k3 → C32k4s2 → C64k3 → C64k4s2 → D512 → D512 → head."""
     model_args = dict(convs=[(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], dense=[512, 512])
     return _create("gloro_4c3f", pretrained, **dict(model_args, **_defaults("gloro_4c3f", kwargs)))
 
 
-@register_model
+@register_lipschitz_model
 def gloro_6c2f(pretrained: bool = False, **kwargs) -> GloRoConvNet:
     """GloRo 6C2F (CIFAR-10): C32k3 ×2 → C32k4s2 → C64k3 ×2 → C64k4s2 → D512 → head."""
     model_args = dict(convs=[(32, 3, 1), (32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 3, 1), (64, 4, 2)], dense=[512])
     return _create("gloro_6c2f", pretrained, **dict(model_args, **_defaults("gloro_6c2f", kwargs)))
 
 
-@register_model
+@register_lipschitz_model
 def gloro_8c2f(pretrained: bool = False, **kwargs) -> GloRoConvNet:
     """GloRo 8C2F (Tiny-ImageNet): C64k3 ×2 → C64k4s2 → C128k3 ×2 → C128k4s2 → C256k3 → C256k4s2 → D256 → head."""
     model_args = dict(

@@ -8,7 +8,7 @@ Named ``liresnet_l{depth}w{width}``.
 
 from __future__ import annotations
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from ..lipschitz import (
     Flatten,
@@ -19,7 +19,7 @@ from ..lipschitz import (
     create_activation,
     liresnet_residual_scale,
 )
-from .base import LipschitzBackbone
+from .base import LipschitzBackbone, build_backbone, register_lipschitz_model
 
 
 class LiResNet(LipschitzBackbone):
@@ -88,28 +88,28 @@ default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in _V
 def _create(variant: str, pretrained: bool, **kwargs) -> LiResNet:
     depth, width = _VARIANTS[variant]
     model_args = dict(depth=depth, width=width)
-    return build_model_with_cfg(LiResNet, variant, pretrained, **dict(model_args, **kwargs))
+    return build_backbone(LiResNet, variant, pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@register_lipschitz_model
 def liresnet_l6w128(pretrained: bool = False, **kwargs) -> LiResNet:
     """LiResNet, 6 residual blocks of width 128 (small; fast on a CPU)."""
     return _create("liresnet_l6w128", pretrained, **kwargs)
 
 
-@register_model
+@register_lipschitz_model
 def liresnet_l12w256(pretrained: bool = False, **kwargs) -> LiResNet:
     """LiResNet, 12 residual blocks of width 256."""
     return _create("liresnet_l12w256", pretrained, **kwargs)
 
 
-@register_model
+@register_lipschitz_model
 def liresnet_l12w512(pretrained: bool = False, **kwargs) -> LiResNet:
     """LiResNet, 12 residual blocks of width 512 (the rebuttal's CIFAR/Tiny-ImageNet model)."""
     return _create("liresnet_l12w512", pretrained, **kwargs)
 
 
-@register_model
+@register_lipschitz_model
 def liresnet_l18w256(pretrained: bool = False, **kwargs) -> LiResNet:
     """LiResNet, 18 residual blocks of width 256 (the gloro README's "18L256W")."""
     return _create("liresnet_l18w256", pretrained, **kwargs)
