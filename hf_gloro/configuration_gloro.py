@@ -60,6 +60,9 @@ class GloRoConfig(PreTrainedConfig):
     image_std: list[float | int] | None = None
 
     def __post_init__(self, **kwargs):
+        if getattr(self, "id2label", None) is None and "num_labels" not in kwargs:
+            # Without labels, default to the backbone's dataset (10 MNIST/CIFAR classes, 200 Tiny-ImageNet).
+            kwargs["num_labels"] = _backbone_num_classes(self.backbone)
         if self.image_mean is None or self.image_std is None:
             defaults = _backbone_normalization(self.backbone, self.num_channels)
             if self.image_mean is None:
@@ -99,6 +102,13 @@ class GloRoConfig(PreTrainedConfig):
             math.isfinite(self.lipschitz_constant) and self.lipschitz_constant > 0
         ):
             raise ValueError(f"lipschitz_constant must be finite and > 0, got {self.lipschitz_constant}")
+
+
+def _backbone_num_classes(backbone: str) -> int:
+    try:
+        return int(timm.models.get_pretrained_cfg(backbone).num_classes or 2)
+    except Exception:  # unknown backbone: validate_backbone reports it
+        return 2
 
 
 def _backbone_normalization(backbone: str, channels: int) -> tuple[list[float], list[float]]:

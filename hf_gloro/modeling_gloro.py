@@ -212,7 +212,15 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
             constants = constants.to(device=logits.device, dtype=logits.dtype)
         all_logits = gloro_logits(logits, constants, epsilon)
 
-        loss = F.cross_entropy(all_logits, labels.to(logits.device)) if labels is not None else None
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if labels.shape != logits.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels must be an integer tensor of shape ({len(logits)},), got "
+                                 f"{labels.dtype} {tuple(labels.shape)}")
+            if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
+                raise ValueError(f"labels must lie in [0, {logits.shape[-1]}), got {labels.min()}..{labels.max()}")
+            loss = F.cross_entropy(all_logits, labels.long())
         return GloRoImageClassifierOutput(
             loss=loss, logits=logits, gloro_logits=all_logits, certified=certified, certified_radius=radius
         )
