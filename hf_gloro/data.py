@@ -74,3 +74,137 @@ def images_to_pixels(images: Sequence[Image.Image | np.ndarray], num_channels: i
         arrays.append(array[:, :, None] if array.ndim == 2 else array)
     stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return stacked.float().div_(255.0)
+
+
+# --- fast training pipeline: decode once to raw uint8 bytes, augment whole batches in torch ----------------
+
+#: Name of the column holding decoded images as raw ``uint8`` bytes in ``(C, H, W)`` order.
+PIXELS_COLUMN = "pixels"
+
+
+def _to_uint8_chw(image, num_channels: int, image_size: int) -> np.ndarray:
+    mode = {1: "L", 3: "RGB"}[num_channels]
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert(mode)
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[:, :, None] if array.ndim == 2 else array
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def decode_images(dataset, num_channels: int, image_size: int, num_proc: int | None = None):
+    """Decode the ``Image`` column once into raw ``uint8`` ``(C, H, W)`` bytes (column :data:`PIXELS_COLUMN`).
+
+    Returns a dataset with exactly two columns, ``pixels`` (binary) and ``label`` (the ``ClassLabel``
+    column renamed), so an epoch never PNG/JPEG-decodes again and a batch is one ``np.frombuffer``.
+    The result is cached by ``datasets`` (fingerprinted), so later runs skip the decoding.
+    """
+    import datasets
+
+    if PIXELS_COLUMN in dataset.column_names:
+        return dataset
+    images, labels = image_column(dataset), label_column(dataset)
+    label_feature = dataset.features[labels]
+    if not isinstance(label_feature, datasets.ClassLabel):
+        label_feature = datasets.Value("int64")
+    features = datasets.Features({PIXELS_COLUMN: datasets.Value("binary"), "label": label_feature})
+
+    def convert(batch):
+        return {
+            PIXELS_COLUMN: [_to_uint8_chw(image, num_channels, image_size).tobytes() for image in batch[images]],
+            "label": batch[labels],
+        }
+
+    return dataset.map(convert, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                       features=features, num_proc=num_proc, desc=f"decoding to uint8 {num_channels}x{image_size}²")
+
+
+def uint8_arrays_dataset(images: np.ndarray, labels: Sequence[int], label_names: Sequence[str]):
+    """A ``datasets.Dataset`` in the decoded layout from ``(N, C, H, W)`` uint8 images (e.g. scikit-learn data)."""
+    import datasets
+
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {images.shape}")
+    features = datasets.Features({PIXELS_COLUMN: datasets.Value("binary"),
+                                  "label": datasets.ClassLabel(names=list(label_names))})
+    return datasets.Dataset.from_dict(
+        {PIXELS_COLUMN: [image.tobytes() for image in images], "label": [int(label) for label in labels]},
+        features=features,
+    )
+
+
+def load_sklearn_digits(image_size: int = 8):
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes; no network) in the decoded
+    layout, pixels rescaled from 0..16 to 0..255 and optionally resized to ``image_size``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    if image_size != 8:
+        images = np.stack([np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+                           for image in images])
+    return uint8_arrays_dataset(images[:, None], digits.target, [str(i) for i in range(10)])
+
+
+def train_validation_split(dataset, validation_size: int | float, seed: int = 0):
+    """Carve a stratified validation split out of a *training* split: ``(train, validation)``.
+
+    Model selection must use this split, never the test set.
+    """
+    import datasets
+
+    stratify = "label" if isinstance(dataset.features.get("label"), datasets.ClassLabel) else None
+    parts = dataset.train_test_split(test_size=validation_size, seed=seed, stratify_by_column=stratify)
+    return parts["train"], parts["test"]
+
+
+def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Per-image random crop of ``(B, C, H, W)`` images after zero-padding by ``padding`` on each side."""
+    if padding <= 0:
+        return images
+    batch, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (batch,))
+    dx = torch.randint(0, 2 * padding + 1, (batch,))
+    rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
+    return padded[torch.arange(batch)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols]
+
+
+def random_horizontal_flip(images: torch.Tensor, probability: float = 0.5) -> torch.Tensor:
+    """Flip each image left-right with the given probability."""
+    flip = torch.rand(images.shape[0]) < probability
+    if flip.any():
+        images = images.clone()
+        images[flip] = images[flip].flip(-1)
+    return images
+
+
+class PixelsTransform:
+    """``datasets`` transform (for ``with_transform``) from decoded ``pixels`` bytes to model inputs.
+
+    Output: ``pixel_values`` (float32 ``(B, C, H, W)`` in [0, 1]) and ``labels``. With ``crop_padding`` /
+    ``horizontal_flip`` it augments the whole batch in torch (random numbers from torch's global
+    generator, which the ``Trainer`` seeds and checkpoints).
+    """
+
+    def __init__(self, num_channels: int, image_size: int, crop_padding: int = 0, horizontal_flip: bool = False):
+        self.shape = (num_channels, image_size, image_size)
+        self.crop_padding = int(crop_padding)
+        self.horizontal_flip = bool(horizontal_flip)
+
+    @property
+    def augments(self) -> bool:
+        return self.crop_padding > 0 or self.horizontal_flip
+
+    def __call__(self, batch: dict) -> dict:
+        raw = batch[PIXELS_COLUMN]
+        images = torch.from_numpy(np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), *self.shape).copy())
+        if self.crop_padding:
+            images = random_crop(images, self.crop_padding)
+        if self.horizontal_flip:
+            images = random_horizontal_flip(images)
+        return {"pixel_values": images.float().div_(255.0), "labels": torch.as_tensor(batch["label"], dtype=torch.long)}

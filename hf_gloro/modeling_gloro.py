@@ -25,6 +25,7 @@ from .lipschitz import (
     exact_matmul,
     gloro_logits,
 )
+from .lipschitz.numerics import weights_fingerprint
 
 
 class InconsistentCheckpointError(ValueError):
@@ -124,8 +125,23 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
 
         ``= Lip(normalisation) · Lip(backbone)``, each factor a guaranteed bound with rounding slack.
         """
-        with exact_matmul():
-            return self.normalization.lipschitz_upper_bound() * self.backbone.lipschitz_upper_bound() * (1 + 1e-15)
+        return self._certification_constants()[0]
+
+    def _certification_constants(self) -> tuple[float, torch.Tensor]:
+        """``(k, K)``: the guaranteed feature bound and margin constants, cached until any weight changes.
+
+        One fingerprint over every parameter and buffer decides; the per-layer caches underneath then
+        recompute only the layers that changed.
+        """
+        key = weights_fingerprint(*self.parameters(), *self.buffers())
+        cache = self.__dict__.get("_certification_cache")
+        if cache is None or cache[0] != key:
+            with exact_matmul():
+                bound = self.normalization.lipschitz_upper_bound() * self.backbone.lipschitz_upper_bound()
+                bound *= 1 + 1e-15  # the product's own rounding
+                cache = (key, bound, self.head.margin_constants_upper_bound(bound))
+            self.__dict__["_certification_cache"] = cache
+        return cache[1], cache[2]
 
     def lipschitz_estimate(self, iterations: int | None = None, update: bool = True) -> torch.Tensor:
         """Differentiable power-iteration estimate of the same constant (training only)."""
@@ -145,7 +161,7 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
 
     def margin_lipschitz_constants(self) -> torch.Tensor:
         """Guaranteed ``K_ji = k‖ŵ_j − ŵ_i‖`` (float64, ``m × m``)."""
-        return self.head.margin_constants_upper_bound(self.lipschitz_constant())
+        return self._certification_constants()[1]
 
     # --- checks -------------------------------------------------------------------------------------
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -164,7 +180,8 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         size = (config.image_size, config.image_size)
         if tuple(pixel_values.shape[-2:]) != size:
             raise ValueError(f"expected images of size {size}, got {tuple(pixel_values.shape[-2:])}")
-        if not torch.isfinite(pixel_values).all():
+        # A sum is finite iff every element is (barring overflow of huge values, re-checked exactly).
+        if not torch.isfinite(pixel_values.sum()) and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or inf")
 
     @staticmethod
@@ -236,10 +253,8 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         self._check_pixel_values(pixel_values)
         with exact_matmul():
             logits = self.head(self.backbone(self.normalization(pixel_values)))
-            bound = self.lipschitz_constant()
-            predictions, certified, radius = certify_logits(
-                logits, self.head.margin_constants_upper_bound(bound), epsilon
-            )
+        bound, constants = self._certification_constants()
+        predictions, certified, radius = certify_logits(logits, constants, epsilon)
         return GloRoCertificate(predictions, certified, radius, epsilon, bound)
 
     # --- persistence --------------------------------------------------------------------------------

@@ -47,34 +47,26 @@ def exact_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
-def _bit_checksums(tensor: torch.Tensor) -> tuple[int, int, int]:
-    """XOR hash, sum of the bit patterns, and the sum over even positions (catches swaps) of a tensor."""
+def _bit_checksum(tensor: torch.Tensor) -> int:
+    """Sum of the tensor's bit patterns as integers, accumulated in int64.
+
+    Changing any single element changes it; so does scaling a tensor by 2 (every exponent moves), which
+    an XOR hash can miss. One vectorised pass over the data.
+    """
     flat = tensor.contiguous().flatten()
-    xor = torch.hash_tensor(flat).view(torch.int64).item()
-    if flat.element_size() == 4:
-        bits = flat.view(torch.int32)
-    elif flat.element_size() == 8:
-        bits = flat.view(torch.int64)
-    elif flat.element_size() == 2:
-        bits = flat.view(torch.int16)
-    else:
-        bits = flat.view(torch.uint8)
-    return xor, int(bits.sum(dtype=torch.int64)), int(bits[::2].sum(dtype=torch.int64))
+    size = flat.element_size()
+    bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16}.get(size, torch.uint8))
+    return int(bits.sum(dtype=torch.int64))
 
 
 def weights_fingerprint(*tensors: torch.Tensor) -> tuple:
     """A cheap identity of tensors' current values, used to invalidate cached bounds.
 
     Combines storage address, autograd version counter (bumped by every in-place update, including
-    optimizer steps and ``load_state_dict``) and checksums of the bit patterns (which also catch writes
+    optimizer steps and ``load_state_dict``) and a checksum of the bit patterns (which also catches writes
     through ``.data`` that bypass the version counter). It guards against accidents, not against an
     adversary who controls the process's memory.
     """
-    parts = []
-    for tensor in tensors:
-        detached = tensor.detach()
-        parts.append(
-            (detached.data_ptr(), tensor._version, tuple(detached.shape), str(detached.dtype))
-            + _bit_checksums(detached)
-        )
-    return tuple(parts)
+    return tuple(
+        (t.data_ptr(), t._version, tuple(t.shape), t.dtype, _bit_checksum(t.detach())) for t in tensors
+    )

@@ -1,0 +1,254 @@
+"""Certified training with the ``transformers`` ``Trainer``: :class:`GloRoTrainingArguments` and :class:`GloRoTrainer`.
+
+What the trainer adds to a plain ``Trainer``:
+
+* **Loss** (``gloro_loss``: ``gloro_ce`` | ``trades`` | ``emma`` | ``margin``; see :mod:`hf_gloro.losses`) at a
+  training radius ``ε_train(step) = train_epsilon_multiplier · ε · f(step/max_steps)`` interpolated per optimizer
+  step (:mod:`hf_gloro.schedules`); the TRADES λ can follow its own schedule. The *certifying* ε stays in
+  ``model.config.epsilon`` and is what checkpoints record.
+* **Power iterations** run inside every training forward (``config.power_iterations`` warm-started steps). Before
+  every evaluation, every save and at the end of training the iterates are converged
+  (``model.converge_power_iterates``), made identical on all ranks (rank 0's copy is broadcast), and the
+  guaranteed bound is computed; certificates and metrics only ever use the guaranteed bound.
+* **Metrics** (validation or any split passed to ``evaluate``): ``clean_accuracy``, ``vra`` at the certifying
+  ε, ``vra@r`` for ``extra_eval_radii``, ``rejection_rate``, ``median_certified_radius``,
+  ``lipschitz_constant`` (guaranteed), ``lipschitz_estimate`` (converged power iteration) — logged like any
+  ``Trainer`` metric (``eval_vra`` …), so ``metric_for_best_model="vra"`` selects checkpoints on validation VRA.
+* **LR schedule** ``lr_decay_after_half_to`` (the GloRo recipe's "decay_to_X_after_half") in addition to every
+  ``transformers`` schedule.
+
+Resuming (``trainer.train(resume_from_checkpoint=...)``) restores weights *and* power iterates (persistent
+buffers), optimizer, LR scheduler, RNG and data order; the ε/λ schedules are pure functions of the global step,
+so a resumed run ends with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import EvalPrediction
+
+from .evaluation import certified_metrics
+from .losses import NEEDS_MARGIN_CONSTANTS, gloro_loss, resolve_loss_name
+from .schedules import SCHEDULES, Schedule, decay_after_half, training_epsilon
+
+__all__ = ["GloRoTrainer", "GloRoTrainingArguments", "collate_pixels", "sync_power_iterates"]
+
+
+@dataclass
+class GloRoTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus certified-training options (defaults follow the GloRo/LiResNet recipes).
+
+    Defaults that differ from ``TrainingArguments``: ``remove_unused_columns=False`` (``with_transform``
+    pipelines), ``ddp_find_unused_parameters=False``, ``label_names=["labels"]``, ``max_grad_norm=0``
+    (no clipping, as GloRo; LiResNet uses 3), ``metric_for_best_model="vra"``.
+    """
+
+    gloro_loss: str = field(default="gloro_ce", metadata={"help": "gloro_ce | trades | emma | margin"})
+    trades_lambda: float = field(default=1.0, metadata={"help": "final λ of the TRADES KL term"})
+    trades_lambda_schedule: str = field(default="fixed", metadata={"help": f"λ schedule: {sorted(SCHEDULES)}"})
+    trades_lambda_start_fraction: float = field(default=0.0, metadata={"help": "λ(0) / λ for ramped schedules"})
+    epsilon_schedule: str = field(default="fixed", metadata={"help": f"training-ε schedule: {sorted(SCHEDULES)}"})
+    epsilon_start_fraction: float = field(default=0.01, metadata={"help": "ε_train(0) / ε_train for ramps"})
+    epsilon_ramp_fraction: float | None = field(
+        default=None, metadata={"help": "ramp length as a fraction of training (default: 1 or 1/2 from the name)"}
+    )
+    train_epsilon_multiplier: float = field(default=1.0, metadata={"help": "train at multiplier·ε, certify at ε"})
+    extra_eval_radii: list[float] = field(default_factory=list, metadata={"help": "extra radii for vra@r"})
+    converge_tolerance: float = field(default=1e-6, metadata={"help": "relative tolerance of the convergence"})
+    converge_max_iterations: int = field(default=2000, metadata={"help": "power iterations cap per convergence"})
+    lr_decay_after_half_to: float | None = field(
+        default=None, metadata={"help": "GloRo LR schedule: constant for half, then exponential decay to this LR"}
+    )
+
+    remove_unused_columns: bool = False
+    ddp_find_unused_parameters: bool | None = False
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"])
+    max_grad_norm: float = 0.0
+    metric_for_best_model: str | None = "vra"
+
+    def __post_init__(self):
+        self.gloro_loss = resolve_loss_name(self.gloro_loss)
+        self.epsilon_schedule_spec  # validates
+        self.trades_lambda_schedule_spec
+        if self.train_epsilon_multiplier <= 0:
+            raise ValueError(f"train_epsilon_multiplier must be > 0, got {self.train_epsilon_multiplier}")
+        if self.trades_lambda < 0:
+            raise ValueError(f"trades_lambda must be >= 0, got {self.trades_lambda}")
+        if any(not (r > 0 and math.isfinite(r)) for r in self.extra_eval_radii):
+            raise ValueError(f"extra_eval_radii must be finite and > 0, got {self.extra_eval_radii}")
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith(("loss", "rejection_rate"))
+        if not torch.cuda.is_available():
+            self.use_cpu = True  # also what makes multi-process CPU launches pick gloo
+        super().__post_init__()
+
+    @property
+    def epsilon_schedule_spec(self) -> Schedule:
+        return Schedule(self.epsilon_schedule, self.epsilon_start_fraction, self.epsilon_ramp_fraction)
+
+    @property
+    def trades_lambda_schedule_spec(self) -> Schedule:
+        return Schedule(self.trades_lambda_schedule, self.trades_lambda_start_fraction)
+
+
+def collate_pixels(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack ``pixel_values`` / ``labels`` of examples produced by :class:`hf_gloro.data.PixelsTransform`."""
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
+        "labels": torch.as_tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+    }
+
+
+def _power_iterate_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [buffer for name, buffer in model.named_buffers() if name.endswith("power_iterate")]
+
+
+@torch.no_grad()
+def sync_power_iterates(model: torch.nn.Module) -> None:
+    """Broadcast rank 0's power iterates to every rank (no-op without an initialised process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    for buffer in _power_iterate_buffers(model):
+        torch.distributed.broadcast(buffer, src=0)
+
+
+class GloRoTrainer(Trainer):
+    """``Trainer`` for :class:`~hf_gloro.GloRoForImageClassification`; see the module docstring.
+
+    ``compute_metrics`` defaults to the certified metrics; pass your own to replace them.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = collate_pixels
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = self._certified_metrics
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, GloRoTrainingArguments):
+            raise TypeError("GloRoTrainer needs GloRoTrainingArguments")
+        self._last_certification: dict[str, float] = {}
+
+    # --- schedules ----------------------------------------------------------------------------------
+    @property
+    def certifying_epsilon(self) -> float:
+        return float(self._unwrapped().config.epsilon)
+
+    def _progress(self) -> tuple[int, int]:
+        return self.state.global_step, self.state.max_steps or 0
+
+    def current_training_epsilon(self) -> float:
+        """``ε_train`` for the current optimizer step."""
+        step, total = self._progress()
+        return training_epsilon(self.certifying_epsilon, step, total, self.args.epsilon_schedule_spec,
+                                self.args.train_epsilon_multiplier)
+
+    def current_trades_lambda(self) -> float:
+        step, total = self._progress()
+        return self.args.trades_lambda * self.args.trades_lambda_schedule_spec.fraction(step, total)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        final = self.args.lr_decay_after_half_to
+        if final is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        ratio = min(final / self.args.learning_rate, 1.0)
+
+        def factor(step: int) -> float:
+            scale = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            return scale * decay_after_half(step / max(num_training_steps, 1), ratio)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # --- loss ---------------------------------------------------------------------------------------
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        if model.training:
+            epsilon = self.current_training_epsilon()
+            outputs = model(pixel_values=pixel_values, epsilon=epsilon)
+            margin_constants = None
+            if self.args.gloro_loss in NEEDS_MARGIN_CONSTANTS:
+                # The forward just updated the iterates; 0 further iterations re-evaluates the very same
+                # differentiable estimate k = Π‖A_l v_l‖ without another power-iteration step.
+                unwrapped = self._unwrapped()
+                margin_constants = unwrapped.head.margin_constants_estimate(
+                    unwrapped.lipschitz_estimate(iterations=0, update=False)
+                )
+            loss = gloro_loss(self.args.gloro_loss, logits=outputs.logits, gloro_logits=outputs.gloro_logits,
+                              labels=labels, epsilon=epsilon, margin_constants=margin_constants,
+                              trades_lambda=self.current_trades_lambda())
+        else:
+            # Evaluation: guaranteed bound, certifying ε, GloRo cross-entropy as the reported eval loss.
+            outputs = model(pixel_values=pixel_values, labels=labels)
+            loss = outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        # (prediction, certified radius) per example, float64 (the radius needs it); argmax of float32 logits
+        # equals the certificate's float64 argmax (the conversion is exact).
+        radius = outputs.certified_radius.to(device=outputs.logits.device, dtype=torch.float64)
+        summary = torch.stack([outputs.logits.argmax(-1).to(torch.float64), radius], dim=-1)
+        return loss, summary, inputs["labels"]
+
+    # --- certification state ------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_certification(self) -> dict[str, float]:
+        """Converge the power iterates, make them identical on all ranks, compute the guaranteed bound."""
+        model = self._unwrapped()
+        estimate = model.converge_power_iterates(self.args.converge_tolerance, self.args.converge_max_iterations)
+        sync_power_iterates(model)
+        bound = model.lipschitz_constant()
+        self._last_certification = {"lipschitz_constant": bound, "lipschitz_estimate": estimate}
+        return self._last_certification
+
+    def _certified_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        summary = np.asarray(prediction.predictions, dtype=np.float64)
+        labels = np.asarray(prediction.label_ids).reshape(-1)
+        metrics = certified_metrics(summary[:, 0].astype(np.int64), labels, summary[:, 1],
+                                    self.certifying_epsilon, self.args.extra_eval_radii)
+        metrics["epsilon"] = self.certifying_epsilon
+        metrics.update(self._last_certification or {"lipschitz_constant": self._unwrapped().lipschitz_constant()})
+        return metrics
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self.prepare_certification()
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every rank converges (identical iterates everywhere); rank 0 writes weights, iterates and a config
+        # that records the certifying ε and the guaranteed bound.
+        self.prepare_certification()
+        super().save_model(output_dir, _internal_call=_internal_call)
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.prepare_certification()
+        return result
+
+    # --- logging ------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.model is not None and self.state.max_steps:
+            logs["train_epsilon"] = round(self.current_training_epsilon(), 6)
+            if self.args.gloro_loss == "trades":
+                logs["trades_lambda"] = round(self.current_trades_lambda(), 6)
+        super().log(logs, start_time)
