@@ -30,6 +30,13 @@ import torch
 from .numerics import inflate
 
 
+def _as_float64(tensor: torch.Tensor) -> torch.Tensor:
+    """Detached float64 copy on the tensor's own device (a GPU does this work far faster), or on the CPU
+    for devices without float64 support (MPS)."""
+    device = tensor.device if tensor.device.type in ("cpu", "cuda") else torch.device("cpu")
+    return tensor.detach().to(device=device, dtype=torch.float64)
+
+
 def _largest_singular_value_squared(blocks: torch.Tensor) -> torch.Tensor:
     """Largest eigenvalue of ``B Bᴴ`` (or ``Bᴴ B``) for a batch of matrices ``B``, in float64."""
     rows, cols = blocks.shape[-2:]
@@ -42,7 +49,7 @@ def dense_spectral_norm_bound(weight: torch.Tensor) -> float:
     """Guaranteed upper bound on ``‖W‖₂`` for a dense matrix (``out × in``), float64 plus slack."""
     if weight.ndim != 2:
         raise ValueError(f"dense bound expects a 2-D weight, got shape {tuple(weight.shape)}")
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    w = _as_float64(weight)
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or inf; refusing to compute a Lipschitz bound")
     return inflate(math.sqrt(float(_largest_singular_value_squared(w))))
@@ -93,7 +100,7 @@ def conv2d_spectral_norm_bound(
     """
     if kernel.ndim != 4:
         raise ValueError(f"conv bound expects a 4-D kernel, got shape {tuple(kernel.shape)}")
-    k = kernel.detach().to(device="cpu", dtype=torch.float64)
+    k = _as_float64(kernel)
     if not torch.isfinite(k).all():
         raise ValueError("kernel contains NaN or inf; refusing to compute a Lipschitz bound")
     c_out, c_in_per_group, kh, kw = k.shape
@@ -106,7 +113,7 @@ def conv2d_spectral_norm_bound(
 
     # Place the (dilated) taps on the torus; taps beyond the torus fold back, which is what a circular
     # convolution of that size computes.
-    torus = torch.zeros(c_out, c_in_per_group, big_h, big_w, dtype=torch.float64)
+    torus = torch.zeros(c_out, c_in_per_group, big_h, big_w, dtype=torch.float64, device=k.device)
     for i in range(kh):
         for j in range(kw):
             torus[:, :, (i * dh) % big_h, (j * dw) % big_w] += k[:, :, i, j]
@@ -119,7 +126,7 @@ def conv2d_spectral_norm_bound(
     spectrum = spectrum[..., : m_w // 2 + 1]
     half_w = spectrum.shape[-1]
     out_per_group = c_out // groups
-    best = torch.zeros((), dtype=torch.float64)
+    best = torch.zeros((), dtype=torch.float64, device=k.device)
     for g in range(groups):
         block = spectrum[g * out_per_group : (g + 1) * out_per_group]
         # → (M_h, M_w', C_out/g, C_in/g · s_h · s_w): the stacked aliased blocks B_ν.
