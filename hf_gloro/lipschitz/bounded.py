@@ -70,3 +70,12 @@ def reset_unit_iterate(buffer: torch.Tensor) -> None:
         if norm > 0:
             buffer.div_(norm)
 
+
+
+def orthogonal_init_(layer: nn.Module) -> None:
+    """Orthogonal weight (rows of the flattened kernel), zero bias; skipped on the meta device."""
+    if layer.weight.device.type == "meta":
+        return
+    nn.init.orthogonal_(layer.weight)
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)

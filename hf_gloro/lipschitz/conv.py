@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bounded import LipschitzBounded, reset_unit_iterate
+from .bounded import LipschitzBounded, orthogonal_init_, reset_unit_iterate
 from .power_iteration import conv2d_operator, spectral_norm_estimate
 from .spectral_bounds import _pair, conv2d_spectral_norm_bound
 
@@ -77,10 +77,8 @@ class LipschitzConv2d(_ConvGeometry, LipschitzBounded, nn.Conv2d):
         self.register_buffer(
             "power_iterate", torch.empty(1, in_channels, *self.input_size, device=device, dtype=dtype)
         )
-        if orthogonal_init and self.weight.device.type != "meta":
-            nn.init.orthogonal_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        if orthogonal_init:
+            orthogonal_init_(self)
         self.reset_power_iterate()
 
     def reset_power_iterate(self) -> None:

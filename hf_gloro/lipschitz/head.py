@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bounded import orthogonal_init_
 from .margins import pairwise_row_distances, pairwise_row_distances_upper_bound
 from .numerics import weights_fingerprint
 
@@ -21,10 +22,7 @@ class GloRoHead(nn.Linear):
                  device=None, dtype=None) -> None:
         super().__init__(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.normalize_rows = normalize_rows
-        if self.weight.device.type != "meta":
-            nn.init.orthogonal_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        orthogonal_init_(self)
 
     def effective_weight(self) -> torch.Tensor:
         """The matrix the forward pass multiplies with (after LLN when enabled)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bounded import LipschitzBounded, reset_unit_iterate
+from .bounded import LipschitzBounded, orthogonal_init_, reset_unit_iterate
 from .power_iteration import dense_operator, spectral_norm_estimate
 from .spectral_bounds import dense_spectral_norm_bound
 
@@ -21,10 +21,8 @@ class LipschitzLinear(LipschitzBounded, nn.Linear):
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("power_iterate", torch.empty(in_features, device=device, dtype=dtype))
-        if orthogonal_init and self.weight.device.type != "meta":
-            nn.init.orthogonal_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        if orthogonal_init:
+            orthogonal_init_(self)
         self.reset_power_iterate()
 
     def reset_power_iterate(self) -> None:
