@@ -161,22 +161,54 @@ def train_validation_split(dataset, validation_size: int | float, seed: int = 0)
     return parts["train"], parts["test"]
 
 
-def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Per-image random crop of ``(B, C, H, W)`` images after zero-padding by ``padding`` on each side."""
+def add_index_column(dataset, name: str = "index"):
+    """Add the row number as a column (the key of :class:`PixelsTransform`'s deterministic augmentation)."""
+    if name in dataset.column_names:
+        return dataset
+    return dataset.add_column(name, np.arange(len(dataset), dtype=np.int64))
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def counter_uniform(seed: int, epoch: int, indices: np.ndarray, stream: int) -> np.ndarray:
+    """Uniform [0, 1) numbers that are a pure function of ``(seed, epoch, example index, stream)``."""
+    key = _splitmix64(np.array([seed], dtype=np.uint64))
+    key = _splitmix64(key ^ np.uint64(epoch))
+    key = _splitmix64(key ^ np.uint64(stream))
+    bits = _splitmix64(key ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def random_crop(images: torch.Tensor, padding: int, offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-image random crop of ``(B, C, H, W)`` images after zero-padding by ``padding`` on each side.
+
+    ``offsets`` = ``(dy, dx)`` in ``[0, 2·padding]`` per image (default: drawn from torch's generator).
+    """
     if padding <= 0:
         return images
     batch, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (batch,))
-    dx = torch.randint(0, 2 * padding + 1, (batch,))
+    if offsets is None:
+        offsets = (torch.randint(0, 2 * padding + 1, (batch,)), torch.randint(0, 2 * padding + 1, (batch,)))
+    dy, dx = offsets
     rows = (dy[:, None] + torch.arange(height))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(width))[:, None, None, :]
     return padded[torch.arange(batch)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols]
 
 
-def random_horizontal_flip(images: torch.Tensor, probability: float = 0.5) -> torch.Tensor:
-    """Flip each image left-right with the given probability."""
-    flip = torch.rand(images.shape[0]) < probability
+def random_horizontal_flip(images: torch.Tensor, probability: float = 0.5, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip each image left-right with the given probability (or where the boolean mask ``flip`` is set)."""
+    if flip is None:
+        flip = torch.rand(images.shape[0]) < probability
     if flip.any():
         images = images.clone()
         images[flip] = images[flip].flip(-1)
@@ -187,24 +219,46 @@ class PixelsTransform:
     """``datasets`` transform (for ``with_transform``) from decoded ``pixels`` bytes to model inputs.
 
     Output: ``pixel_values`` (float32 ``(B, C, H, W)`` in [0, 1]) and ``labels``. With ``crop_padding`` /
-    ``horizontal_flip`` it augments the whole batch in torch (random numbers from torch's global
-    generator, which the ``Trainer`` seeds and checkpoints).
+    ``horizontal_flip`` it augments the whole batch in torch.
+
+    Randomness: with ``seed`` set, every random choice is a pure function of ``(seed, epoch, example index)``
+    (the dataset needs an ``index`` column, see :func:`add_index_column`; the epoch is set with
+    :meth:`set_epoch`, which :class:`~hf_gloro.trainer.GloRoTrainer` calls before every epoch). Augmentation
+    is then independent of data-loader prefetching, worker processes and RNG checkpointing, so a resumed
+    run sees exactly the images the uninterrupted run saw. Without ``seed``, torch's global generator is used.
     """
 
-    def __init__(self, num_channels: int, image_size: int, crop_padding: int = 0, horizontal_flip: bool = False):
+    def __init__(self, num_channels: int, image_size: int, crop_padding: int = 0, horizontal_flip: bool = False,
+                 seed: int | None = None):
         self.shape = (num_channels, image_size, image_size)
         self.crop_padding = int(crop_padding)
         self.horizontal_flip = bool(horizontal_flip)
+        self.seed = seed
+        self.epoch = 0
 
     @property
     def augments(self) -> bool:
         return self.crop_padding > 0 or self.horizontal_flip
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __call__(self, batch: dict) -> dict:
         raw = batch[PIXELS_COLUMN]
-        images = torch.from_numpy(np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), *self.shape).copy())
-        if self.crop_padding:
-            images = random_crop(images, self.crop_padding)
-        if self.horizontal_flip:
-            images = random_horizontal_flip(images)
+        count = len(raw)
+        images = torch.from_numpy(np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(count, *self.shape).copy())
+        if self.augments:
+            offsets = flip = None
+            if self.seed is not None:
+                if "index" not in batch:
+                    raise KeyError("seeded augmentation needs an 'index' column (hf_gloro.data.add_index_column)")
+                index = np.asarray(batch["index"], dtype=np.int64)
+                span = 2 * self.crop_padding + 1
+                offsets = tuple(torch.from_numpy((counter_uniform(self.seed, self.epoch, index, s) * span)
+                                                 .astype(np.int64)) for s in (1, 2))
+                flip = torch.from_numpy(counter_uniform(self.seed, self.epoch, index, 3) < 0.5)
+            if self.crop_padding:
+                images = random_crop(images, self.crop_padding, offsets)
+            if self.horizontal_flip:
+                images = random_horizontal_flip(images, flip=flip)
         return {"pixel_values": images.float().div_(255.0), "labels": torch.as_tensor(batch["label"], dtype=torch.long)}

@@ -231,10 +231,13 @@ def save_certified_accuracy_curve(evaluation: CertifiedEvaluation, directory: st
 # --- card -----------------------------------------------------------------------------------------------
 def format_radius(value: float) -> str:
     """``0.1412`` → ``"36/255 ≈ 0.1412"`` when the radius is a whole number of 1/255 steps, else ``"0.1412"``."""
+    short = f"{value:.4g}"
+    if float(short) == value:  # a short decimal (0.3, 1.58) stays one
+        return short
     steps = Fraction(value * 255).limit_denominator(1)
-    if steps > 0 and abs(float(steps) / 255 - value) <= 1e-9 * max(1.0, value) and value < 1:
-        return f"{int(steps)}/255 ≈ {value:.4g}"
-    return f"{value:.4g}"
+    if 0 < steps < 255 and abs(float(steps) / 255 - value) <= 1e-9 * value:
+        return f"{int(steps)}/255 ≈ {short}"
+    return short
 
 
 def eval_results(evaluation: CertifiedEvaluation) -> list[EvalResult]:

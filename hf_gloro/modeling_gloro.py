@@ -282,6 +282,22 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (iterates included) and a config recording the current guaranteed bound."""
+        """Save weights (iterates included) and a config recording the current guaranteed bound.
+
+        After ``register_for_auto_class(...)`` the folder also gets the self-contained model code and an
+        ``auto_map`` (``transformers`` itself can only copy flat sibling modules, not the ``lipschitz/`` and
+        ``models/`` sub-packages), so ``trust_remote_code=True`` loads it without hf-gloro installed.
+        """
         self.config.lipschitz_constant = self.lipschitz_constant()
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        cls = type(self)
+        auto_class = cls._auto_class  # set on the class by register_for_auto_class
+        cls._auto_class = None  # keep transformers' own copier (flat files only) out of it
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            cls._auto_class = auto_class
+        if auto_class is not None and kwargs.get("is_main_process", True):
+            from .hub import write_remote_code
+
+            write_remote_code(save_directory)
+        return result

@@ -36,6 +36,10 @@ class CertifiedImageClassificationPipeline(ImageClassificationPipeline):
     ``timeout``. Radii are in the pixel scale of the *preprocessed* image (after resizing, in [0, 1]).
     """
 
+    # Images only. Left at None, `pipeline()` also tries AutoVideoProcessor, which on a repo with remote code
+    # (an `auto_map` in preprocessor_config.json) asks whether to trust it even when hf-gloro is installed.
+    _load_video_processor = False
+
     def check_model_type(self, supported_models) -> None:
         if not callable(getattr(self.model, "certify", None)):
             raise ValueError(

@@ -24,19 +24,22 @@ so a resumed run ends with the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import csv
 import math
+import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction
 
 from .evaluation import certified_metrics
 from .losses import NEEDS_MARGIN_CONSTANTS, gloro_loss, resolve_loss_name
 from .schedules import SCHEDULES, Schedule, decay_after_half, training_epsilon
 
-__all__ = ["GloRoTrainer", "GloRoTrainingArguments", "collate_pixels", "sync_power_iterates"]
+__all__ = ["CertifiedMetricsCSVCallback", "GloRoTrainer", "GloRoTrainingArguments", "collate_pixels", "sync_power_iterates"]
 
 
 @dataclass
@@ -245,6 +248,17 @@ class GloRoTrainer(Trainer):
         self.prepare_certification()
         return result
 
+    # --- data ---------------------------------------------------------------------------------------
+    def _run_epoch(self, *args, **kwargs):
+        # Seeded augmentations (hf_gloro.data.PixelsTransform) are keyed by (seed, epoch, example index), so the
+        # images of a resumed run do not depend on prefetching or on when the Trainer restores RNG states.
+        transform = None
+        if self.train_dataset is not None and hasattr(self.train_dataset, "format"):
+            transform = (self.train_dataset.format.get("format_kwargs") or {}).get("transform")
+        if hasattr(transform, "set_epoch") and "epoch" in kwargs:
+            transform.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
+
     # --- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.model is not None and self.state.max_steps:
@@ -252,3 +266,37 @@ class GloRoTrainer(Trainer):
             if self.args.gloro_loss == "trades":
                 logs["trades_lambda"] = round(self.current_trades_lambda(), 6)
         super().log(logs, start_time)
+
+
+class CertifiedMetricsCSVCallback(TrainerCallback):
+    """Append every evaluation's metrics, with the wall time since training began, to a CSV file.
+
+    Columns: ``elapsed_s, epoch, step`` then the metric names (``eval_vra`` …), one row per evaluation
+    (main process only) — the data of a VRA-vs-time curve. Default path: ``<output_dir>/eval_metrics.csv``.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self._start is None:
+            self._start = time.time()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not state.is_world_process_zero or not metrics:
+            return
+        path = self.path or os.path.join(args.output_dir, "eval_metrics.csv")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        row = {"elapsed_s": round(time.time() - (self._start or time.time()), 3), "epoch": state.epoch,
+               "step": state.global_step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        exists = os.path.exists(path) and os.path.getsize(path) > 0
+        if exists:
+            with open(path, newline="") as handle:
+                header = next(csv.reader(handle), None)
+        fieldnames = header if exists and header else list(row)
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)

@@ -208,3 +208,38 @@ def test_pipeline_classifies_real_looking_images(tmp_path):
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None, None]
     expected = model.config.id2label[int(model(pixels).logits.argmax())]
     assert result[0]["label"] == expected
+
+
+def test_register_for_auto_class_saves_code_that_loads_without_hf_gloro(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = small_model()
+    try:
+        GloRoForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+        model.save_pretrained(tmp_path)
+    finally:
+        GloRoForImageClassification._auto_class = None
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_gloro.GloRoForImageClassification"
+    x = torch.rand(3, 1, 28, 28)
+    torch.save({"x": x, "logits": model(x).logits, "radius": model.certify(x).radius}, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+class BlockHfGloro:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'hf_gloro':
+            raise ImportError('hf_gloro is not installed here')
+sys.meta_path.insert(0, BlockHfGloro())
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+assert 'hf_gloro' not in sys.modules and type(model).__module__.startswith('transformers_modules')
+assert torch.equal(model(expected['x']).logits, expected['logits'])
+assert torch.equal(model.certify(expected['x']).radius, expected['radius'])
+print('REMOTE-CODE-OK')
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert "REMOTE-CODE-OK" in result.stdout, result.stderr[-2000:]

@@ -1,0 +1,439 @@
+"""The ``hf-gloro`` command: certify images, verify a checkpoint's recorded bound, render a model card.
+
+```
+hf-gloro certify MODEL IMAGES... [--epsilon E] [--json] [--batch-size N] [--split S] [--limit N] [--no-resize]
+hf-gloro verify  MODEL [--rtol R] [--json]
+hf-gloro card    MODEL --dataset D [--split S] [--output DIR] [--limit N] [--radii R...] [--training TEXT]
+hf-gloro push    MODEL REPO_ID [--dataset D ...] [--remote-code] [--private]
+```
+
+MODEL is a local folder or a Hub repo id. IMAGES are image files, folders of images, or data sets: a local
+folder in the Hub layout (parquet shards), ``parquet:/path/to/dir:split``, or a Hub data set name with
+``--split``. Errors print one line on stderr and exit with status 2 (``verify`` exits 1 on a mismatch);
+``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+PROGRESS_THRESHOLD = 256  # show a progress bar from this many images on
+
+
+class CLIError(Exception):
+    """An error reported as one line, without a traceback."""
+
+
+# --- loading ------------------------------------------------------------------------------------------
+def _is_local(reference: str) -> bool:
+    return os.path.exists(reference) or reference.startswith((".", "/", "~")) or reference.count("/") > 1 \
+        or os.sep != "/" and os.sep in reference
+
+
+def _load_model(reference: str, check_bound: bool = True):
+    """``(model, processor)`` from a folder or Hub id; ``check_bound=False`` skips the recorded-bound check."""
+    import hf_gloro
+    from transformers import AutoImageProcessor
+
+    if _is_local(reference) and not os.path.isdir(os.path.expanduser(reference)):
+        raise CLIError(f"model folder {reference!r} does not exist")
+    reference = os.path.expanduser(reference)
+    if os.path.isdir(reference) and not os.path.isfile(os.path.join(reference, "config.json")):
+        raise CLIError(f"{reference!r} is not a saved model (no config.json)")
+    try:
+        config = hf_gloro.GloRoConfig.from_pretrained(reference)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load a GloRo config from {reference!r}: {_first_line(error)}") from error
+    if getattr(config, "model_type", None) != "gloro":
+        raise CLIError(f"{reference!r} is not a GloRo model (model_type={config.model_type!r})")
+    cls = hf_gloro.GloRoForImageClassification
+    try:
+        if check_bound:
+            model = cls.from_pretrained(reference)
+        else:  # the plain PreTrainedModel loader: no refusal, so that `verify` can report
+            model = super(cls, cls).from_pretrained(reference)
+    except hf_gloro.InconsistentCheckpointError as error:
+        raise CLIError(f"{_first_line(error)} (run `hf-gloro verify {reference}` for details)") from error
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CLIError(f"cannot load the model weights from {reference!r}: {_first_line(error)}") from error
+    processor = hf_gloro.gloro_image_processor(config.num_channels, config.image_size)
+    try:  # a saved processor wins if it produces what the model was certified for
+        saved = AutoImageProcessor.from_pretrained(reference)
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, hf_gloro.GloRoImageProcessor) and saved.num_channels == config.num_channels and \
+            (saved.size or {}).get("height") == (saved.size or {}).get("width") == config.image_size:
+        processor = saved
+    return model.eval(), processor
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# --- image sources ----------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One image to certify: where it came from, how to open it, and its true label if known."""
+
+    source: str
+    index: int | None
+    load: object  # () -> PIL.Image
+    label: int | None = None
+
+
+def _open_file(path: Path):
+    def load():
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
+        except (UnidentifiedImageError, OSError) as error:
+            raise CLIError(f"cannot read image {str(path)!r}: {_first_line(error)}") from error
+
+    return load
+
+
+def _dataset_items(dataset, description: str, limit: int | None) -> Iterator[Item]:
+    from .data import image_column, label_column
+
+    images = image_column(dataset)
+    try:
+        labels = label_column(dataset)
+    except ValueError:
+        labels = None
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    for index in range(count):
+        row = dataset[index]
+        yield Item(description, index, (lambda image=row[images]: image),
+                   None if labels is None else int(row[labels]))
+
+
+def _load_dataset_spec(spec: str, split: str):
+    """``parquet:/dir:split`` | a local data set folder | a Hub data set name → ``(dataset, description)``."""
+    import datasets
+
+    try:
+        if spec.startswith("parquet:"):
+            path, _, spec_split = spec[len("parquet:"):].rpartition(":")
+            if not path:  # no split given: "parquet:/dir"
+                path, spec_split = spec_split, split
+            if not os.path.isdir(path):
+                raise CLIError(f"parquet folder {path!r} does not exist")
+            return datasets.load_dataset("parquet", data_dir=path, split=spec_split), f"{path}:{spec_split}"
+        if os.path.isdir(spec):
+            return datasets.load_dataset(spec, split=split), f"{spec}:{split}"
+        return datasets.load_dataset(spec, split=split), f"{spec}:{split}"
+    except CLIError:
+        raise
+    except Exception as error:  # datasets raises many types (ValueError, FileNotFoundError, ConnectionError …)
+        raise CLIError(f"cannot load data set {spec!r} (split {split!r}): {_first_line(error)}") from error
+
+
+def _dataset_id(spec: str, description: str) -> str:
+    """The name for the model-index: the Hub name, also for local copies of the data sets hf-gloro knows."""
+    from .data import KNOWN_DATASETS
+
+    if not spec.startswith("parquet:") and not os.path.isdir(spec):
+        return spec
+    folder = spec[len("parquet:"):].rpartition(":")[0] if spec.startswith("parquet:") and spec.count(":") > 1 \
+        else spec.removeprefix("parquet:")
+    known = {local: hub for hub, local in KNOWN_DATASETS.items()}
+    return known.get(os.path.basename(os.path.normpath(folder)), description)
+
+
+def _collect(inputs: Sequence[str], split: str, limit: int | None) -> list[Item]:
+    items: list[Item] = []
+    for spec in inputs:
+        path = Path(spec).expanduser()
+        if spec.startswith("parquet:"):
+            dataset, description = _load_dataset_spec(spec, split)
+            items.extend(_dataset_items(dataset, description, limit))
+        elif path.is_file():
+            items.append(Item(str(path), None, _open_file(path)))
+        elif path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if files:
+                items.extend(Item(str(p), None, _open_file(p)) for p in files)
+            elif any(p.suffix == ".parquet" for p in path.rglob("*.parquet")):
+                dataset, description = _load_dataset_spec(str(path), split)
+                items.extend(_dataset_items(dataset, description, limit))
+            else:
+                raise CLIError(f"folder {spec!r} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        elif _is_local(spec) or path.suffix.lower() in IMAGE_SUFFIXES:
+            raise CLIError(f"no such file or folder: {spec!r}")
+        else:
+            dataset, description = _load_dataset_spec(spec, split)
+            items.extend(_dataset_items(dataset, description, limit))
+    if not items:
+        raise CLIError("no images to certify")
+    return items
+
+
+def _pixels(images, processor, config, resize: bool):
+    import torch
+
+    mode = "L" if config.num_channels == 1 else "RGB"
+    images = [image if image.mode == mode else image.convert(mode) for image in images]
+    expected = (config.image_size, config.image_size)
+    if not resize:
+        for image in images:
+            if image.size != expected:
+                raise CLIError(f"image is {image.size[0]}×{image.size[1]} but the model takes "
+                               f"{expected[0]}×{expected[1]} (resizing disabled by --no-resize)")
+    pixels = processor(images=images, return_tensors="pt", do_resize=resize)["pixel_values"]
+    return torch.as_tensor(pixels, dtype=torch.float32)
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+def _certify(args) -> int:
+    from tqdm.auto import tqdm
+
+    model, processor = _load_model(args.model)
+    config = model.config
+    epsilon = float(config.epsilon if args.epsilon is None else args.epsilon)
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise CLIError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
+    items = _collect(args.images, args.split, args.limit)
+    rows = []
+    bar = tqdm(total=len(items), desc="certifying", unit="img", file=sys.stderr,
+               disable=len(items) < PROGRESS_THRESHOLD or args.quiet)
+    for start in range(0, len(items), args.batch_size):
+        batch = items[start : start + args.batch_size]
+        pixels = _pixels([item.load() for item in batch], processor, config, resize=not args.no_resize)
+        certificate = model.certify(pixels, epsilon)
+        for item, prediction, certified, radius in zip(
+            batch, certificate.predictions.tolist(), certificate.certified.tolist(), certificate.radius.tolist()
+        ):
+            row = {"source": item.source, "index": item.index, "prediction": prediction,
+                   "label": config.id2label.get(prediction, str(prediction)), "certified": bool(certified),
+                   "radius": radius}
+            if item.label is not None:
+                row["true_label"] = item.label
+                row["correct"] = prediction == item.label
+            rows.append(row)
+        bar.update(len(batch))
+    bar.close()
+    summary = {"model": args.model, "epsilon": epsilon, "norm": "l2",
+               "lipschitz_constant": certificate.lipschitz_constant, "num_images": len(rows),
+               "num_certified": sum(row["certified"] for row in rows)}
+    if args.json:
+        json.dump({**summary, "results": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_table(rows)
+        print(f"{summary['num_certified']}/{len(rows)} certified at ε = {epsilon:g} (L2); "
+              f"Lipschitz bound {summary['lipschitz_constant']:.6g}")
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    has_truth = any("true_label" in row for row in rows)
+    header = ["image", "prediction", "certified", "radius"] + (["true", "correct"] if has_truth else [])
+    table = []
+    for row in rows:
+        name = row["source"] if row["index"] is None else f"{row['source']}[{row['index']}]"
+        line = [name, row["label"], "yes" if row["certified"] else "no", f"{row['radius']:.4f}"]
+        if has_truth:
+            line += [str(row.get("true_label", "")), "yes" if row.get("correct") else "no"]
+        table.append(line)
+    widths = [max(len(header[i]), *(len(line[i]) for line in table)) for i in range(len(header))]
+    for line in [header, *table]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def _verify(args) -> int:
+    model, _ = _load_model(args.model, check_bound=False)
+    recorded = model.config.lipschitz_constant
+    recomputed = model.lipschitz_constant()
+    report = {"model": args.model, "recorded": recorded, "recomputed": recomputed, "rtol": args.rtol}
+    if recorded is None:
+        status, message = 1, "no recorded bound in config.json (lipschitz_constant is null): nothing to verify"
+    else:
+        difference = (recorded - recomputed) / recomputed
+        report["relative_difference"] = difference
+        if difference < -args.rtol:
+            status, message = 1, ("MISMATCH: the recorded bound is below the bound the weights give; the recorded "
+                                  "value is unsound (tampered config or weights changed after saving)")
+        elif difference > args.rtol:
+            status, message = 1, ("MISMATCH: the recorded bound is above the bound the weights give; the weights "
+                                  "or the config changed after saving (certificates use the recomputed bound)")
+        else:
+            status, message = 0, "OK: the recorded bound matches the bound recomputed from the weights"
+    report["ok"] = status == 0
+    report["message"] = message
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"recorded Lipschitz bound:   {recorded!r}")
+        print(f"recomputed from the weights: {recomputed!r}")
+        if "relative_difference" in report:
+            print(f"relative difference:        {report['relative_difference']:+.3e} (tolerance {args.rtol:g})")
+        print(message)
+    return status
+
+
+def _card(args) -> int:
+    from .model_card import evaluate_for_card, write_model_card
+
+    model, _ = _load_model(args.model)
+    output = args.output
+    if output is None:
+        if not os.path.isdir(args.model):
+            raise CLIError("--output is required when MODEL is a Hub repo id")
+        output = args.model
+    dataset, description = _load_dataset_spec(args.dataset, args.split)
+    dataset_id = args.dataset_id or _dataset_id(args.dataset, description)
+    try:
+        evaluation = evaluate_for_card(
+            model, dataset, dataset_id=dataset_id, dataset_split=args.split, epsilon=args.epsilon,
+            radii=args.radii, batch_size=args.batch_size, limit=args.limit, progress=not args.quiet,
+        )
+    except ValueError as error:
+        raise CLIError(f"cannot evaluate on {description}: {_first_line(error)}") from error
+    training = Path(args.training).read_text(encoding="utf-8") if args.training and os.path.isfile(args.training) \
+        else args.training
+    write_model_card(model, output, evaluation, repo_id=args.repo_id or args.model, training=training,
+                     license=args.license)
+    metrics = evaluation.metrics()
+    print(f"wrote {os.path.join(output, 'README.md')} and the certified-accuracy plot: clean accuracy "
+          f"{metrics['clean_accuracy']:.2%}, VRA {metrics['vra']:.2%} at ε = {evaluation.epsilon:g} "
+          f"({evaluation.num_examples} images of {description})")
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push_certified_model
+    from .model_card import evaluate_for_card
+
+    model, processor = _load_model(args.model)
+    evaluation = None
+    if args.dataset:
+        dataset, description = _load_dataset_spec(args.dataset, args.split)
+        dataset_id = args.dataset_id or _dataset_id(args.dataset, description)
+        evaluation = evaluate_for_card(model, dataset, dataset_id=dataset_id, dataset_split=args.split,
+                                       radii=args.radii, batch_size=args.batch_size, limit=args.limit,
+                                       progress=not args.quiet)
+    training = Path(args.training).read_text(encoding="utf-8") if args.training and os.path.isfile(args.training) \
+        else args.training
+    try:
+        info = push_certified_model(model, args.repo_id, evaluation=evaluation, image_processor=processor,
+                                    remote_code=args.remote_code, private=args.private or None,
+                                    training=training, license=args.license)
+    except OSError as error:  # huggingface_hub's HTTP errors are OSErrors
+        raise CLIError(f"push to {args.repo_id!r} failed: {_first_line(error)}") from error
+    print(f"pushed {args.model} to {info.commit_url}")
+    return 0
+
+
+# --- entry point ------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-gloro", description="Certified (GloRo) image classifiers.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    certify = commands.add_parser("certify", help="predict and certify images")
+    certify.add_argument("model", help="model folder or Hub repo id")
+    certify.add_argument("images", nargs="+",
+                         help="image files, folders, parquet:/dir:split, a data set folder or a Hub data set name")
+    certify.add_argument("--epsilon", type=float, help="certifying L2 radius (default: the model's ε)")
+    certify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    certify.add_argument("--batch-size", type=_positive_int, default=64)
+    certify.add_argument("--split", default="test", help="split of data set inputs (default: test)")
+    certify.add_argument("--limit", type=_positive_int, help="at most this many images per data set")
+    certify.add_argument("--no-resize", action="store_true", help="refuse images of the wrong size")
+    certify.add_argument("--quiet", action="store_true", help="no progress bar")
+    certify.set_defaults(handler=_certify)
+
+    verify = commands.add_parser("verify", help="recompute the guaranteed bound and compare with config.json")
+    verify.add_argument("model", help="model folder or Hub repo id")
+    verify.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (default 1e-6)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(handler=_verify)
+
+    card = commands.add_parser("card", help="evaluate and (re)write README.md and the certified-accuracy plot")
+    card.add_argument("model", help="model folder or Hub repo id")
+    card.add_argument("--dataset", required=True, help="parquet:/dir:split, a data set folder or a Hub name")
+    card.add_argument("--split", default="test")
+    card.add_argument("--dataset-id", help="data set name for the model-index (default: --dataset)")
+    card.add_argument("--output", help="folder to write to (default: MODEL when it is a folder)")
+    card.add_argument("--epsilon", type=float, help="certifying radius for the card (default: the model's ε)")
+    card.add_argument("--radii", type=float, nargs="+", help="radii with a VRA entry (default: ε/2, ε, 2ε)")
+    card.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
+    card.add_argument("--batch-size", type=_positive_int, default=256)
+    card.add_argument("--training", help="training recipe and data (text, or a file to read it from)")
+    card.add_argument("--license")
+    card.add_argument("--repo-id", help="repo id shown in the card's code snippets")
+    card.add_argument("--quiet", action="store_true")
+    card.set_defaults(handler=_card)
+
+    push = commands.add_parser("push", help="push weights, config, processor, card and plot in one commit")
+    push.add_argument("model", help="saved model folder")
+    push.add_argument("repo_id", help="Hub repo to create or update (org/name)")
+    push.add_argument("--dataset", help="evaluate on this data set for the card (as in `card`)")
+    push.add_argument("--split", default="test")
+    push.add_argument("--dataset-id", help="data set name for the model-index (default: --dataset)")
+    push.add_argument("--radii", type=float, nargs="+", help="radii with a VRA entry (default: ε/2, ε, 2ε)")
+    push.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
+    push.add_argument("--batch-size", type=_positive_int, default=256)
+    push.add_argument("--training", help="training recipe and data (text, or a file to read it from)")
+    push.add_argument("--license")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--remote-code", action="store_true",
+                      help="also ship self-contained model code (loads with trust_remote_code=True, no hf-gloro)")
+    push.add_argument("--quiet", action="store_true")
+    push.set_defaults(handler=_push)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Silence library warnings and download/loading bars: the command prints its own output."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return args.handler(args)
+    except CLIError as error:
+        message = str(error)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # anything unexpected: still one line, unless --debug
+        if args.debug:
+            raise
+        message = f"{type(error).__name__}: {_first_line(error)} (rerun with --debug for the traceback)"
+    print(f"hf-gloro: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
