@@ -1,7 +1,8 @@
 """Certification cost and bound tightness, measured side by side in one run (CPU).
 
 For each backbone it prints:
-* certify() time / plain logits forward time (same batch; interleaved repetitions; medians),
+* certify() time / plain logits forward time (same batch; interleaved repetitions; medians) and the
+  fixed extra cost per call (weights checksum for the bound cache + float64 certificate),
 * guaranteed bound / converged power-iteration estimate of Lip(pixels → features),
 * seconds to compute the guaranteed bound from scratch (uncached).
 
@@ -64,6 +65,7 @@ def bench(name: str, repeats: int, max_power_iterations: int) -> dict:
         "forward_ms": 1e3 * statistics.median(plain),
         "certify_ms": 1e3 * statistics.median(certify),
         "certify_ratio": statistics.median(c / p for c, p in zip(certify, plain)),
+        "overhead_ms": 1e3 * statistics.median(c - p for c, p in zip(certify, plain)),
         "bound": bound,
         "estimate": estimate,
         "tightness": bound / estimate,
@@ -82,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores visible")
-    header = (f"{'backbone':<18}{'batch':>6}{'forward ms':>12}{'certify ms':>12}{'certify/fwd':>13}"
+    header = (f"{'backbone':<18}{'batch':>6}{'forward ms':>12}{'certify ms':>12}{'certify/fwd':>13}{'extra ms':>10}"
               f"{'bound':>12}{'estimate':>12}{'bound/est':>11}{'bound s':>9}")
     print(header)
     for name in args.backbones:
@@ -90,7 +92,7 @@ def main() -> None:
         r = bench(name, max(3, args.repeats // 4) if large else args.repeats,
                   min(500, args.max_power_iterations) if large else args.max_power_iterations)
         print(f"{r['backbone']:<18}{r['batch']:>6}{r['forward_ms']:>12.2f}{r['certify_ms']:>12.2f}"
-              f"{r['certify_ratio']:>13.4f}{r['bound']:>12.5g}{r['estimate']:>12.5g}{r['tightness']:>11.5f}"
+              f"{r['certify_ratio']:>13.4f}{r['overhead_ms']:>10.2f}{r['bound']:>12.5g}{r['estimate']:>12.5g}{r['tightness']:>11.5f}"
               f"{r['bound_seconds']:>9.2f}", flush=True)
 
 
