@@ -59,21 +59,20 @@ def label_column(dataset) -> str:
 
 
 def images_to_pixels(images: Sequence[Image.Image | np.ndarray], num_channels: int, image_size: int) -> torch.Tensor:
-    """PIL images (or uint8 arrays) → float tensor ``(B, C, H, W)`` in [0, 1] with the model's channels and size."""
-    mode = {1: "L", 3: "RGB"}.get(num_channels)
-    if mode is None:
+    """PIL images (or uint8 arrays) → float tensor ``(B, C, H, W)`` in [0, 1] with the model's channels and size.
+
+    Pixels are ``uint8 · (1/255)`` in float32, bit-identical to what :class:`~hf_gloro.GloRoImageProcessor`
+    produces for images already at the model's size.
+    """
+    if num_channels not in (1, 3):
         raise ValueError(f"only 1 or 3 channels are supported, got {num_channels}")
-    arrays = []
-    for image in images:
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        image = image.convert(mode)
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-        arrays.append(array[:, :, None] if array.ndim == 2 else array)
-    stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return stacked.float().div_(255.0)
+    stacked = torch.from_numpy(np.stack([_to_uint8_chw(image, num_channels, image_size) for image in images]))
+    return uint8_to_unit(stacked)
+
+
+def uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8`` pixels → float32 in [0, 1], the same arithmetic as the image processor's rescale."""
+    return pixels.float().mul_(1 / 255)
 
 
 # --- fast training pipeline: decode once to raw uint8 bytes, augment whole batches in torch ----------------
@@ -261,4 +260,4 @@ class PixelsTransform:
                 images = random_crop(images, self.crop_padding, offsets)
             if self.horizontal_flip:
                 images = random_horizontal_flip(images, flip=flip)
-        return {"pixel_values": images.float().div_(255.0), "labels": torch.as_tensor(batch["label"], dtype=torch.long)}
+        return {"pixel_values": uint8_to_unit(images), "labels": torch.as_tensor(batch["label"], dtype=torch.long)}

@@ -243,3 +243,14 @@ print('REMOTE-CODE-OK')
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert "REMOTE-CODE-OK" in result.stdout, result.stderr[-2000:]
+
+
+def test_dataset_pixels_and_image_processor_agree_bit_for_bit():
+    from hf_gloro.data import images_to_pixels
+
+    rng = np.random.default_rng(0)
+    for channels, size, mode in [(1, 28, "L"), (3, 32, "RGB")]:
+        shape = (size, size) if channels == 1 else (size, size, 3)
+        images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(3)]
+        processed = hf_gloro.gloro_image_processor(channels, size)(images, return_tensors="pt")["pixel_values"]
+        assert torch.equal(images_to_pixels(images, channels, size), processed)
