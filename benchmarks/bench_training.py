@@ -9,9 +9,11 @@
   differentiable Lipschitz estimate, per-pair margin constants, bottom logit) + GloRo cross-entropy on the
   ``m + 1`` logits + backward + Adam. Plain step = ``head(backbone(normalization(x)))`` + cross-entropy +
   backward + Adam. The guaranteed bound used for certification is not involved in either.
-* **Peak memory**: each variant runs in a fresh subprocess; the figure is the growth of the peak resident set
-  size (``ru_maxrss``) over the process's RSS just before the first step, i.e. activations, gradients,
-  optimizer state and allocator caches of the training steps. The bytes saved for backward are reported too.
+* **Peak memory**: each variant runs in a fresh subprocess. After one warm-up step, a background thread samples
+  glibc's in-use heap (``mallinfo2``) during the measured steps; the figure is the peak minus the in-use heap
+  before them (activations, gradients and temporaries of a step: the CPU analogue of CUDA's
+  ``max_memory_allocated`` delta). Also reported: bytes saved for backward per step, and the growth of the
+  peak RSS from before the first step (includes one-time allocations such as kernel caches and Adam state).
 
 Prints a Markdown table (and ``--json`` writes the raw numbers).
 """
@@ -99,6 +101,49 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _HeapSampler:
+    """Peak of glibc's in-use heap bytes (``mallinfo2``: arena ``uordblks`` + mmapped ``hblkhd``), sampled by a
+    background thread every ~50 µs — the CPU analogue of ``torch.cuda.max_memory_allocated``."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                         "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        self._mallinfo = libc.mallinfo2
+        self._threading = threading
+        self.peak = 0
+        self._running = False
+
+    def in_use(self) -> int:
+        info = self._mallinfo()
+        return int(info.uordblks + info.hblkhd)
+
+    def __enter__(self):
+        self.peak = self.in_use()
+        self._running = True
+
+        def sample():
+            while self._running:
+                self.peak = max(self.peak, self.in_use())
+                time.sleep(5e-5)
+
+        self._thread = self._threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, self.in_use())
+
+
 def memory_child(backbone: str, kind: str, power_iterations: int, steps: int) -> dict:
     x, y = batch(backbone)
     model = build(backbone, power_iterations)
@@ -110,14 +155,18 @@ def memory_child(backbone: str, kind: str, power_iterations: int, steps: int) ->
         return tensor
 
     step = make_step(model, kind, x, y)
+    rss_before = _rss_bytes()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        before = _rss_bytes()
-        step()
+        step()  # warm-up: optimizer state and lazily created kernels/caches
         saved_per_step = saved
-        for _ in range(steps - 1):
-            step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_growth_mb": (peak - before) / 2**20, "saved_for_backward_mb": saved_per_step / 2**20}
+        sampler = _HeapSampler()
+        base = sampler.in_use()  # parameters, Adam state (grads were freed by zero_grad(set_to_none=True))
+        with sampler:
+            for _ in range(steps):
+                step()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_step_mb": (sampler.peak - base) / 2**20, "peak_rss_growth_mb": (peak_rss - rss_before) / 2**20,
+            "saved_for_backward_mb": saved_per_step / 2**20}
 
 
 def measure_memory(backbone: str, kind: str, power_iterations: int, threads: int, steps: int = 5) -> dict:
@@ -149,22 +198,24 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU(s); "
           f"{args.repeats} interleaved repetitions after {args.warmup} warm-up steps; medians\n")
     print("| backbone | batch | power its/step | GloRo step (ms) | plain step (ms) | time ratio | "
-          "peak-mem growth GloRo / plain (MB) | memory ratio | saved-for-backward GloRo / plain (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak step memory GloRo / plain (MB) | memory ratio | saved-for-backward GloRo / plain (MB) | "
+          "peak-RSS growth GloRo / plain (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for backbone in args.backbones:
         plain_memory = measure_memory(backbone, "plain", 1, args.threads)
         for iterations in args.power_iterations:
             timing = time_interleaved(backbone, iterations, args.repeats, args.warmup)
             gloro_memory = measure_memory(backbone, "gloro", iterations, args.threads)
-            memory_ratio = gloro_memory["peak_growth_mb"] / plain_memory["peak_growth_mb"]
+            memory_ratio = gloro_memory["peak_step_mb"] / plain_memory["peak_step_mb"]
             row = {"backbone": backbone, "batch": SHAPES[backbone][3], "power_iterations": iterations, **timing,
                    "gloro_memory": gloro_memory, "plain_memory": plain_memory, "memory_ratio": memory_ratio}
             results.append(row)
             print(f"| {backbone} | {row['batch']} | {iterations} | {timing['gloro_ms']:.1f} | {timing['plain_ms']:.1f} "
-                  f"| **{timing['time_ratio']:.3f}** | {gloro_memory['peak_growth_mb']:.1f} / "
-                  f"{plain_memory['peak_growth_mb']:.1f} | **{memory_ratio:.3f}** | "
-                  f"{gloro_memory['saved_for_backward_mb']:.1f} / {plain_memory['saved_for_backward_mb']:.1f} |",
+                  f"| **{timing['time_ratio']:.3f}** | {gloro_memory['peak_step_mb']:.1f} / "
+                  f"{plain_memory['peak_step_mb']:.1f} | **{memory_ratio:.3f}** | "
+                  f"{gloro_memory['saved_for_backward_mb']:.1f} / {plain_memory['saved_for_backward_mb']:.1f} | "
+                  f"{gloro_memory['peak_rss_growth_mb']:.1f} / {plain_memory['peak_rss_growth_mb']:.1f} |",
                   flush=True)
     if args.json:
         with open(args.json, "w") as handle:

@@ -29,7 +29,30 @@ register_pipeline()
 
 __version__ = "0.1.0"
 
+# Training pulls in transformers.Trainer and accelerate: loaded on first use, not on `import hf_gloro`.
+_LAZY = {
+    "GloRoTrainer": "trainer",
+    "GloRoTrainingArguments": "trainer",
+    "CertifiedMetricsCSVCallback": "trainer",
+    "Schedule": "schedules",
+    "gloro_loss": "losses",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "CertifiedMetricsCSVCallback",
+    "GloRoTrainer",
+    "GloRoTrainingArguments",
+    "Schedule",
+    "gloro_loss",
     "CertifiedEvaluation",
     "CertifiedImageClassificationPipeline",
     "build_model_card",

@@ -39,7 +39,13 @@ from .evaluation import certified_metrics
 from .losses import NEEDS_MARGIN_CONSTANTS, gloro_loss, resolve_loss_name
 from .schedules import SCHEDULES, Schedule, decay_after_half, training_epsilon
 
-__all__ = ["CertifiedMetricsCSVCallback", "GloRoTrainer", "GloRoTrainingArguments", "collate_pixels", "sync_power_iterates"]
+__all__ = [
+    "CertifiedMetricsCSVCallback",
+    "GloRoTrainer",
+    "GloRoTrainingArguments",
+    "collate_pixels",
+    "sync_power_iterates",
+]
 
 
 @dataclass
