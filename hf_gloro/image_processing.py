@@ -6,6 +6,7 @@ Normalisation lives inside the model (so that the bound accounts for it and ε s
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from transformers import ViTImageProcessor
 from transformers.image_processing_base import BatchFeature
 
@@ -32,6 +33,13 @@ class GloRoImageProcessor(ViTImageProcessor):
         self.num_channels = num_channels
 
     def preprocess(self, images, *args, **kwargs) -> BatchFeature:
+        # PIL images are converted with PIL itself (integer luma), exactly as `images_to_pixels` and the CLI
+        # do, so every path gives bit-identical pixels; arrays and tensors get the float luma below.
+        mode = "L" if self.num_channels == 1 else "RGB"
+        if isinstance(images, Image.Image):
+            images = images.convert(mode)
+        elif isinstance(images, (list, tuple)):
+            images = [im.convert(mode) if isinstance(im, Image.Image) else im for im in images]
         features = super().preprocess(images, *args, **kwargs)
         pixels = features["pixel_values"]
         if isinstance(pixels, torch.Tensor):

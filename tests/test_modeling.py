@@ -254,3 +254,12 @@ def test_dataset_pixels_and_image_processor_agree_bit_for_bit():
         images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(3)]
         processed = hf_gloro.gloro_image_processor(channels, size)(images, return_tensors="pt")["pixel_values"]
         assert torch.equal(images_to_pixels(images, channels, size), processed)
+
+
+def test_rgb_images_of_gray_digits_give_the_same_pixels_as_gray_ones():
+    # pipeline() opens every image as RGB: a 1-channel model must see exactly the original gray pixels.
+    rng = np.random.default_rng(1)
+    gray = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L")
+    processor = hf_gloro.gloro_image_processor(1, 28)
+    from_rgb = processor(gray.convert("RGB"), return_tensors="pt")["pixel_values"]
+    assert torch.equal(from_rgb, processor(gray, return_tensors="pt")["pixel_values"])

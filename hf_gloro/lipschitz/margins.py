@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .numerics import FLOAT64_UNIT_ROUNDOFF, inflate
+from .numerics import BOUND_RELATIVE_SLACK, FLOAT64_UNIT_ROUNDOFF, round_up
 
 
 def pairwise_row_distances(weight: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def pairwise_row_distances_upper_bound(weight: torch.Tensor) -> torch.Tensor:
     error = gamma * (squared_norms[:, None] + squared_norms[None, :] + 2 * gram.abs())
     distances = (squared.clamp_min(0.0) + error).sqrt()
     distances.fill_diagonal_(0.0)
-    return distances * inflate(1.0)
+    return round_up(distances * (1.0 + BOUND_RELATIVE_SLACK))
 
 
 def _predicted(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,9 +21,26 @@ BOUND_RELATIVE_SLACK: float = 1e-6
 FLOAT64_UNIT_ROUNDOFF: float = 2.0**-53
 
 
+#: Bounds are rounded *up* to this many significant digits, so that the same weights give the same bound
+#: in every process: multi-threaded float64 reductions may differ in their last bits between thread counts.
+BOUND_SIGNIFICANT_DIGITS: int = 9
+
+
+def round_up(values: torch.Tensor) -> torch.Tensor:
+    """Round positive float64 values up to :data:`BOUND_SIGNIFICANT_DIGITS` significant digits (never down)."""
+    values = values.to(torch.float64)
+    positive = values > 0
+    exponent = torch.floor(torch.log10(torch.where(positive, values, torch.ones_like(values))))
+    quantum = torch.pow(10.0, exponent - (BOUND_SIGNIFICANT_DIGITS - 1))
+    steps = torch.ceil(values / quantum)
+    rounded = steps * quantum
+    rounded = torch.where(rounded < values, (steps + 1) * quantum, rounded)  # guard the division's rounding
+    return torch.where(positive, rounded, values)
+
+
 def inflate(value: float) -> float:
-    """Return ``value · (1 + BOUND_RELATIVE_SLACK)``, the rounding-safe version of a computed bound."""
-    return float(value) * (1.0 + BOUND_RELATIVE_SLACK)
+    """``value · (1 + BOUND_RELATIVE_SLACK)`` rounded up: the rounding-safe, reproducible form of a bound."""
+    return float(round_up(torch.tensor(float(value) * (1.0 + BOUND_RELATIVE_SLACK), dtype=torch.float64)))
 
 
 @contextlib.contextmanager
