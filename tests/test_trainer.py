@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, EvalPrediction
 
 import hf_gloro
-from gloro_helpers import model_snapshot, tiny_arguments, tiny_model, tiny_trainer
-from hf_gloro.trainer import CertifiedMetricsCSVCallback, GloRoTrainingArguments, collate_pixels
+from gloro_helpers import model_snapshot, tiny_arguments, tiny_trainer
+from hf_gloro.trainer import CertifiedMetricsCSVCallback, collate_pixels
 
 HELPERS = pathlib.Path(__file__).with_name("gloro_helpers.py")
 
