@@ -372,15 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     card = commands.add_parser("card", help="evaluate and (re)write README.md and the certified-accuracy plot")
     card.add_argument("model", help="model folder or Hub repo id")
     card.add_argument("--dataset", required=True, help="parquet:/dir:split, a data set folder or a Hub name")
-    card.add_argument("--split", default="test")
-    card.add_argument("--dataset-id", help="data set name for the model-index (default: --dataset)")
+    _add_card_arguments(card)
     card.add_argument("--output", help="folder to write to (default: MODEL when it is a folder)")
     card.add_argument("--epsilon", type=float, help="certifying radius for the card (default: the model's ε)")
-    card.add_argument("--radii", type=float, nargs="+", help="radii with a VRA entry (default: ε/2, ε, 2ε)")
-    card.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
-    card.add_argument("--batch-size", type=_positive_int, default=256)
-    card.add_argument("--training", help="training recipe and data (text, or a file to read it from)")
-    card.add_argument("--license")
     card.add_argument("--repo-id", help="repo id shown in the card's code snippets")
     card.add_argument("--quiet", action="store_true")
     card.set_defaults(handler=_card)
@@ -389,19 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("model", help="saved model folder")
     push.add_argument("repo_id", help="Hub repo to create or update (org/name)")
     push.add_argument("--dataset", help="evaluate on this data set for the card (as in `card`)")
-    push.add_argument("--split", default="test")
-    push.add_argument("--dataset-id", help="data set name for the model-index (default: --dataset)")
-    push.add_argument("--radii", type=float, nargs="+", help="radii with a VRA entry (default: ε/2, ε, 2ε)")
-    push.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
-    push.add_argument("--batch-size", type=_positive_int, default=256)
-    push.add_argument("--training", help="training recipe and data (text, or a file to read it from)")
-    push.add_argument("--license")
+    _add_card_arguments(push)
     push.add_argument("--private", action="store_true")
     push.add_argument("--remote-code", action="store_true",
                       help="also ship self-contained model code (loads with trust_remote_code=True, no hf-gloro)")
     push.add_argument("--quiet", action="store_true")
     push.set_defaults(handler=_push)
     return parser
+
+
+def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation and card options shared by `card` and `push`."""
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--dataset-id", help="data set name for the model-index (default: --dataset)")
+    parser.add_argument("--radii", type=float, nargs="+", help="radii with a VRA entry (default: ε/2, ε, 2ε)")
+    parser.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--training", help="training recipe and data (text, or a file to read it from)")
+    parser.add_argument("--license")
 
 
 def _quiet_libraries() -> None:

@@ -169,6 +169,12 @@ class HubHandler(BaseHTTPRequestHandler):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return commit
 
+    def _repo_at(self, repo: str, rev: str) -> tuple[Repo, Commit] | None:
+        """The repo and the commit ``rev`` names, or ``None`` after answering 404."""
+        found = self._repo(repo)
+        commit = self._revision(found, rev) if found is not None else None
+        return (found, commit) if commit is not None else None
+
     # --- routes ---------------------------------------------------------------------------------------
     def create_repo(self, query):
         payload = json.loads(self._body() or b"{}")
@@ -225,12 +231,10 @@ class HubHandler(BaseHTTPRequestHandler):
                          "success": True, "pullRequestUrl": None})
 
     def model_info(self, query, repo, rev="main"):
-        found = self._repo(repo)
-        if found is None:
+        located = self._repo_at(repo, rev)
+        if located is None:
             return
-        commit = self._revision(found, rev)
-        if commit is None:
-            return
+        found, commit = located
         self._json(200, {
             "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.oid, "private": found.private,
             "lastModified": commit.date, "tags": [], "library_name": "transformers",
@@ -239,12 +243,10 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def tree(self, query, repo, rev, path=None):
         path = path or ""
-        found = self._repo(repo)
-        if found is None:
+        located = self._repo_at(repo, rev)
+        if located is None:
             return
-        commit = self._revision(found, rev)
-        if commit is None:
-            return
+        found, commit = located
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
         entries, folders = [], set()
@@ -266,12 +268,10 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, directories + entries)
 
     def resolve(self, query, repo, rev, path):
-        found = self._repo(repo)
-        if found is None:
+        located = self._repo_at(repo, rev)
+        if located is None:
             return
-        commit = self._revision(found, rev)
-        if commit is None:
-            return
+        found, commit = located
         data = commit.files.get(path)
         if data is None:
             return self._send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound",
