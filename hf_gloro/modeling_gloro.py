@@ -176,7 +176,8 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
                 " (convert uint8 images with `x.float() / 255` or use the image processor)"
             )
         if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+            raise ValueError("pixel_values must have shape (batch, channels, height, width), "
+                             f"got {tuple(pixel_values.shape)}")
         if pixel_values.shape[1] != config.num_channels:
             raise ValueError(f"expected {config.num_channels} channel(s), got {pixel_values.shape[1]}")
         size = (config.image_size, config.image_size)

@@ -17,9 +17,9 @@ Convolutions (zero padding, any stride/dilation/groups), input ``n_h × n_w``
 
     the block row stacking the ``s²`` aliased frequencies (this is the space-to-depth view of a strided
     convolution); ``max_ν σ_max(B_ν)²`` is bounded by :func:`max_eigenvalue_upper_bound` (verified
-    Cholesky factorisations, exact eigen-solves only where a frequency exceeds the running maximum). A real kernel gives ``B_{-ν} = conj(B_ν)`` up to a column permutation, so half of the
-    frequencies suffice. A shift of the input (the padding offset) is a unitary on the right and does not
-    change the norm.
+    Cholesky factorisations, exact eigen-solves only where a frequency exceeds the running maximum). A real
+    kernel gives ``B_{-ν} = conj(B_ν)`` up to a column permutation, so half of the frequencies suffice. A
+    shift of the input (the padding offset) is a unitary on the right and does not change the norm.
 """
 
 from __future__ import annotations
@@ -168,9 +168,9 @@ def conv2d_spectral_norm_bound(
     # a (frequencies × taps) @ (taps × channels) product. Taps beyond the torus wrap, as they must.
     t_h = (torch.arange(kh) * dh).repeat_interleave(kw)
     t_w = (torch.arange(kw) * dw).repeat(kh)
-    angle = -2 * math.pi * (
-        f_h.reshape(-1, 1).double() * t_h[None].double() / big_h + f_w.reshape(-1, 1).double() * t_w[None].double() / big_w
-    )
+    phase_h = f_h.reshape(-1, 1).double() * t_h[None].double() / big_h
+    phase_w = f_w.reshape(-1, 1).double() * t_w[None].double() / big_w
+    angle = -2 * math.pi * (phase_h + phase_w)
     cos, sin = angle.cos().to(k.device), angle.sin().to(k.device)
     aliases = sh * sw
     out_per_group = c_out // groups
