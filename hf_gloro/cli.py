@@ -1,16 +1,18 @@
 """The ``hf-gloro`` command: certify images, verify a checkpoint's recorded bound, render a model card.
 
 ```
-hf-gloro certify MODEL IMAGES... [--epsilon E] [--json] [--batch-size N] [--split S] [--limit N] [--no-resize]
+hf-gloro certify MODEL IMAGES... [--epsilon E] [--json] [--batch-size N] [--split S] [--limit N] [--resize] [--convert]
 hf-gloro verify  MODEL [--rtol R] [--json]
 hf-gloro card    MODEL --dataset D [--split S] [--output DIR] [--limit N] [--radii R...] [--training TEXT]
 hf-gloro push    MODEL REPO_ID [--dataset D ...] [--remote-code] [--private]
 ```
 
 MODEL is a local folder or a Hub repo id. IMAGES are image files, folders of images, or data sets: a local
-folder in the Hub layout (parquet shards), ``parquet:/path/to/dir:split``, or a Hub data set name with
-``--split``. Errors print one line on stderr and exit with status 2 (``verify`` exits 1 on a mismatch);
-``--debug`` shows tracebacks.
+folder in the Hub layout (parquet shards), ``parquet:/path/to/dir:split``, ``sklearn/digits`` or a Hub data set
+name with ``--split`` (see :mod:`hf_gloro.inputs`). Images must have the model's size and colour mode: others are
+refused unless ``--resize`` / ``--convert`` is given, and then each such row says that its certificate is about
+the processed image. An unreadable file is reported on stderr and skipped. Errors print one line on stderr and
+exit with status 2 (``verify`` exits 1 on a mismatch); ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 PROGRESS_THRESHOLD = 256  # show a progress bar from this many images on
 
 
@@ -33,17 +33,15 @@ class CLIError(Exception):
 
 
 # --- loading ------------------------------------------------------------------------------------------
-def _is_local(reference: str) -> bool:
-    return os.path.exists(reference) or reference.startswith((".", "/", "~")) or reference.count("/") > 1 \
-        or os.sep != "/" and os.sep in reference
-
-
 def _load_model(reference: str, check_bound: bool = True):
     """``(model, processor)`` from a folder or Hub id; ``check_bound=False`` skips the recorded-bound check."""
     import hf_gloro
     from transformers import AutoImageProcessor
 
-    if _is_local(reference) and not os.path.isdir(os.path.expanduser(reference)):
+    from .image_processing import image_processor_for_config
+    from .inputs import is_local_reference
+
+    if is_local_reference(reference) and not os.path.isdir(os.path.expanduser(reference)):
         raise CLIError(f"model folder {reference!r} does not exist")
     reference = os.path.expanduser(reference)
     if os.path.isdir(reference) and not os.path.isfile(os.path.join(reference, "config.json")):
@@ -64,7 +62,7 @@ def _load_model(reference: str, check_bound: bool = True):
         raise CLIError(f"{_first_line(error)} (run `hf-gloro verify {reference}` for details)") from error
     except (OSError, ValueError, RuntimeError) as error:
         raise CLIError(f"cannot load the model weights from {reference!r}: {_first_line(error)}") from error
-    processor = hf_gloro.gloro_image_processor(config.num_channels, config.image_size)
+    processor = image_processor_for_config(config)
     try:  # a saved processor wins if it produces what the model was certified for
         saved = AutoImageProcessor.from_pretrained(reference)
     except (OSError, ValueError):
@@ -80,161 +78,75 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
-# --- image sources ----------------------------------------------------------------------------------------
-@dataclass
-class Item:
-    """One image to certify: where it came from, how to open it, and its true label if known."""
-
-    source: str
-    index: int | None
-    load: object  # () -> PIL.Image
-    label: int | None = None
-
-
-def _open_file(path: Path):
-    def load():
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return image.copy()
-        except (UnidentifiedImageError, OSError) as error:
-            raise CLIError(f"cannot read image {str(path)!r}: {_first_line(error)}") from error
-
-    return load
-
-
-def _dataset_items(dataset, description: str, limit: int | None) -> Iterator[Item]:
-    from .data import image_column, label_column
-
-    images = image_column(dataset)
-    try:
-        labels = label_column(dataset)
-    except ValueError:
-        labels = None
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    for index in range(count):
-        row = dataset[index]
-        yield Item(description, index, (lambda image=row[images]: image),
-                   None if labels is None else int(row[labels]))
-
-
-def _load_dataset_spec(spec: str, split: str):
-    """``parquet:/dir:split`` | a local data set folder | a Hub data set name → ``(dataset, description)``."""
-    import datasets
-
-    try:
-        if spec.startswith("parquet:"):
-            path, _, spec_split = spec[len("parquet:"):].rpartition(":")
-            if not path:  # no split given: "parquet:/dir"
-                path, spec_split = spec_split, split
-            if not os.path.isdir(path):
-                raise CLIError(f"parquet folder {path!r} does not exist")
-            return datasets.load_dataset("parquet", data_dir=path, split=spec_split), f"{path}:{spec_split}"
-        if os.path.isdir(spec):
-            return datasets.load_dataset(spec, split=split), f"{spec}:{split}"
-        return datasets.load_dataset(spec, split=split), f"{spec}:{split}"
-    except CLIError:
-        raise
-    except Exception as error:  # datasets raises many types (ValueError, FileNotFoundError, ConnectionError …)
-        raise CLIError(f"cannot load data set {spec!r} (split {split!r}): {_first_line(error)}") from error
-
-
-def _dataset_id(spec: str, description: str) -> str:
-    """The name for the model-index: the Hub name, also for local copies of the data sets hf-gloro knows."""
-    from .data import KNOWN_DATASETS
-
-    if not spec.startswith("parquet:") and not os.path.isdir(spec):
-        return spec
-    folder = spec[len("parquet:"):].rpartition(":")[0] if spec.startswith("parquet:") and spec.count(":") > 1 \
-        else spec.removeprefix("parquet:")
-    known = {local: hub for hub, local in KNOWN_DATASETS.items()}
-    return known.get(os.path.basename(os.path.normpath(folder)), description)
-
-
-def _collect(inputs: Sequence[str], split: str, limit: int | None) -> list[Item]:
-    items: list[Item] = []
-    for spec in inputs:
-        path = Path(spec).expanduser()
-        if spec.startswith("parquet:"):
-            dataset, description = _load_dataset_spec(spec, split)
-            items.extend(_dataset_items(dataset, description, limit))
-        elif path.is_file():
-            items.append(Item(str(path), None, _open_file(path)))
-        elif path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if files:
-                items.extend(Item(str(p), None, _open_file(p)) for p in files)
-            elif any(p.suffix == ".parquet" for p in path.rglob("*.parquet")):
-                dataset, description = _load_dataset_spec(str(path), split)
-                items.extend(_dataset_items(dataset, description, limit))
-            else:
-                raise CLIError(f"folder {spec!r} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        elif _is_local(spec) or path.suffix.lower() in IMAGE_SUFFIXES:
-            raise CLIError(f"no such file or folder: {spec!r}")
-        else:
-            dataset, description = _load_dataset_spec(spec, split)
-            items.extend(_dataset_items(dataset, description, limit))
-    if not items:
-        raise CLIError("no images to certify")
-    return items
-
-
-def _pixels(images, processor, config, resize: bool):
-    import torch
-
-    mode = "L" if config.num_channels == 1 else "RGB"
-    images = [image if image.mode == mode else image.convert(mode) for image in images]
-    expected = (config.image_size, config.image_size)
-    if not resize:
-        for image in images:
-            if image.size != expected:
-                raise CLIError(f"image is {image.size[0]}×{image.size[1]} but the model takes "
-                               f"{expected[0]}×{expected[1]} (resizing disabled by --no-resize)")
-    pixels = processor(images=images, return_tensors="pt", do_resize=resize)["pixel_values"]
-    return torch.as_tensor(pixels, dtype=torch.float32)
-
-
 # --- commands ---------------------------------------------------------------------------------------------
 def _certify(args) -> int:
+    import torch
     from tqdm.auto import tqdm
+
+    from .inputs import UnreadableImageError, collect_inputs, prepare_image
 
     model, processor = _load_model(args.model)
     config = model.config
     epsilon = float(config.epsilon if args.epsilon is None else args.epsilon)
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise CLIError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
-    items = _collect(args.images, args.split, args.limit)
-    rows = []
+    items = collect_inputs(args.images, args.split, args.limit, num_channels=config.num_channels,
+                           image_size=config.image_size)
+    rows, skipped = [], []
+    certificate = None
     bar = tqdm(total=len(items), desc="certifying", unit="img", file=sys.stderr,
                disable=len(items) < PROGRESS_THRESHOLD or args.quiet)
     for start in range(0, len(items), args.batch_size):
-        batch = items[start : start + args.batch_size]
-        pixels = _pixels([item.load() for item in batch], processor, config, resize=not args.no_resize)
+        batch, images, notes = [], [], []
+        for item in items[start : start + args.batch_size]:
+            try:
+                image = item.load()
+            except UnreadableImageError as error:  # reported, skipped; the other images go on
+                skipped.append({"source": item.name, "error": str(error)})
+                print(f"hf-gloro: warning: {error}; skipped", file=sys.stderr)
+                continue
+            image, note = prepare_image(image, config.num_channels, config.image_size, item.name,
+                                        resize=args.resize, convert=args.convert)
+            batch.append(item)
+            images.append(image)
+            notes.append(note)
+        bar.update(len(items[start : start + args.batch_size]))
+        if not batch:
+            continue
+        pixels = torch.as_tensor(processor(images=images, return_tensors="pt", do_resize=False)["pixel_values"],
+                                 dtype=torch.float32)
         certificate = model.certify(pixels, epsilon)
-        for item, prediction, certified, radius in zip(
-            batch, certificate.predictions.tolist(), certificate.certified.tolist(), certificate.radius.tolist()
+        for item, note, prediction, certified, radius in zip(
+            batch, notes, certificate.predictions.tolist(), certificate.certified.tolist(),
+            certificate.radius.tolist()
         ):
             row = {"source": item.source, "index": item.index, "prediction": prediction,
                    "label": config.id2label.get(prediction, str(prediction)), "certified": bool(certified),
                    "radius": radius}
+            if note is not None:
+                row["preprocessing"] = note
             if item.label is not None:
                 row["true_label"] = item.label
                 row["correct"] = prediction == item.label
             rows.append(row)
-        bar.update(len(batch))
     bar.close()
+    if certificate is None:
+        raise CLIError(skipped[0]["error"] if len(skipped) == 1 else f"none of the {len(skipped)} images could be read")
     summary = {"model": args.model, "epsilon": epsilon, "norm": "l2",
                "lipschitz_constant": certificate.lipschitz_constant, "num_images": len(rows),
-               "num_certified": sum(row["certified"] for row in rows)}
+               "num_certified": sum(row["certified"] for row in rows), "skipped": skipped}
     if args.json:
         json.dump({**summary, "results": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         _print_table(rows)
+        processed = sum("preprocessing" in row for row in rows)
         print(f"{summary['num_certified']}/{len(rows)} certified at ε = {epsilon:g} (L2); "
-              f"Lipschitz bound {summary['lipschitz_constant']:.6g}")
+              f"Lipschitz bound {summary['lipschitz_constant']:.6g}"
+              + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
+        if processed:
+            print(f"* {processed} image(s) were resized or converted: their certificates are about the processed "
+                  "images, not the original files")
     return 0
 
 
@@ -244,6 +156,7 @@ def _print_table(rows: list[dict]) -> None:
     table = []
     for row in rows:
         name = row["source"] if row["index"] is None else f"{row['source']}[{row['index']}]"
+        name += " *" if "preprocessing" in row else ""
         line = [name, row["label"], "yes" if row["certified"] else "no", f"{row['radius']:.4f}"]
         if has_truth:
             line += [str(row.get("true_label", "")), "yes" if row.get("correct") else "no"]
@@ -284,8 +197,37 @@ def _verify(args) -> int:
     return status
 
 
+def _evaluation_data(args, model):
+    """``(dataset, description, dataset_id)`` for ``card``/``push``; ``sklearn/digits`` is carved as the run that
+    trained the model carved it (its ``training_recipe.json``), so the card reports the run's test split."""
+    from .inputs import dataset_id, load_dataset_spec
+    from .model_card import read_training_record
+
+    options = {"image_size": model.config.image_size}
+    record, _ = read_training_record(args.model) if os.path.isdir(args.model) else (None, None)
+    if record and record.get("data_args", {}).get("dataset_name") == args.dataset:
+        options.update(test_size=record["data_args"].get("test_size", 0.2),
+                       seed=record.get("training_args", {}).get("seed", 0))
+    dataset, description = load_dataset_spec(args.dataset, args.split, **options)
+    return dataset, description, args.dataset_id or dataset_id(args.dataset, description)
+
+
+def _training_text(args) -> str | None:
+    """``--training`` (text or a file), else the recipe record found in the model folder."""
+    from .model_card import describe_training, read_training_record
+
+    if args.training:
+        return Path(args.training).read_text(encoding="utf-8") if os.path.isfile(args.training) else args.training
+    if os.path.isdir(args.model):
+        record, results = read_training_record(args.model)
+        if record:
+            return describe_training(record, results)
+    return None
+
+
 def _card(args) -> int:
-    from .model_card import evaluate_for_card, write_model_card
+    from .evaluation import evaluate_for_card
+    from .model_card import write_model_card
 
     model, _ = _load_model(args.model)
     output = args.output
@@ -293,8 +235,7 @@ def _card(args) -> int:
         if not os.path.isdir(args.model):
             raise CLIError("--output is required when MODEL is a Hub repo id")
         output = args.model
-    dataset, description = _load_dataset_spec(args.dataset, args.split)
-    dataset_id = args.dataset_id or _dataset_id(args.dataset, description)
+    dataset, description, dataset_id = _evaluation_data(args, model)
     try:
         evaluation = evaluate_for_card(
             model, dataset, dataset_id=dataset_id, dataset_split=args.split, epsilon=args.epsilon,
@@ -302,9 +243,7 @@ def _card(args) -> int:
         )
     except ValueError as error:
         raise CLIError(f"cannot evaluate on {description}: {_first_line(error)}") from error
-    training = Path(args.training).read_text(encoding="utf-8") if args.training and os.path.isfile(args.training) \
-        else args.training
-    write_model_card(model, output, evaluation, repo_id=args.repo_id or args.model, training=training,
+    write_model_card(model, output, evaluation, repo_id=args.repo_id or args.model, training=_training_text(args),
                      license=args.license)
     metrics = evaluation.metrics()
     print(f"wrote {os.path.join(output, 'README.md')} and the certified-accuracy plot: clean accuracy "
@@ -314,19 +253,17 @@ def _card(args) -> int:
 
 
 def _push(args) -> int:
+    from .evaluation import evaluate_for_card
     from .hub import push_certified_model
-    from .model_card import evaluate_for_card
 
     model, processor = _load_model(args.model)
     evaluation = None
     if args.dataset:
-        dataset, description = _load_dataset_spec(args.dataset, args.split)
-        dataset_id = args.dataset_id or _dataset_id(args.dataset, description)
+        dataset, _, dataset_id = _evaluation_data(args, model)
         evaluation = evaluate_for_card(model, dataset, dataset_id=dataset_id, dataset_split=args.split,
                                        radii=args.radii, batch_size=args.batch_size, limit=args.limit,
                                        progress=not args.quiet)
-    training = Path(args.training).read_text(encoding="utf-8") if args.training and os.path.isfile(args.training) \
-        else args.training
+    training = _training_text(args)
     try:
         info = push_certified_model(model, args.repo_id, evaluation=evaluation, image_processor=processor,
                                     remote_code=args.remote_code, private=args.private or None,
@@ -359,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("--batch-size", type=_positive_int, default=64)
     certify.add_argument("--split", default="test", help="split of data set inputs (default: test)")
     certify.add_argument("--limit", type=_positive_int, help="at most this many images per data set")
-    certify.add_argument("--no-resize", action="store_true", help="refuse images of the wrong size")
+    certify.add_argument("--resize", action="store_true",
+                         help="certify resized copies of images of another size (the certificate is then about "
+                              "the resized image)")
+    certify.add_argument("--convert", action="store_true",
+                         help="certify converted copies of images of another colour mode (e.g. RGB for a "
+                              "grayscale model)")
     certify.add_argument("--quiet", action="store_true", help="no progress bar")
     certify.set_defaults(handler=_certify)
 
@@ -371,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     card = commands.add_parser("card", help="evaluate and (re)write README.md and the certified-accuracy plot")
     card.add_argument("model", help="model folder or Hub repo id")
-    card.add_argument("--dataset", required=True, help="parquet:/dir:split, a data set folder or a Hub name")
+    card.add_argument("--dataset", required=True,
+                      help="parquet:/dir:split, a data set folder, sklearn/digits or a Hub name")
     _add_card_arguments(card)
     card.add_argument("--output", help="folder to write to (default: MODEL when it is a folder)")
     card.add_argument("--epsilon", type=float, help="certifying radius for the card (default: the model's ε)")
@@ -399,7 +342,8 @@ def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radii", type=float, nargs="+", help="radii with a VRA entry (default: ε/2, ε, 2ε)")
     parser.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
     parser.add_argument("--batch-size", type=_positive_int, default=256)
-    parser.add_argument("--training", help="training recipe and data (text, or a file to read it from)")
+    parser.add_argument("--training", help="training recipe and data (text, or a file to read it from; default: "
+                                            "the training_recipe.json a recipe run wrote into MODEL)")
     parser.add_argument("--license")
 
 
@@ -417,12 +361,14 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .inputs import InputError
+
     args = build_parser().parse_args(argv)
     if not args.debug:
         _quiet_libraries()
     try:
         return args.handler(args)
-    except CLIError as error:
+    except (CLIError, InputError) as error:
         message = str(error)
     except KeyboardInterrupt:
         return 130

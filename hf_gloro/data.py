@@ -148,6 +148,21 @@ def load_sklearn_digits(image_size: int = 8):
     return uint8_arrays_dataset(images[:, None], digits.target, [str(i) for i in range(10)])
 
 
+#: Name of scikit-learn's bundled digits as a data set name (recipes, ``hf-gloro card --dataset``).
+SKLEARN_DIGITS = "sklearn/digits"
+
+
+def load_sklearn_digits_split(split: str, image_size: int = 8, test_size: float = 0.2, seed: int = 0):
+    """``train`` or ``test`` part of scikit-learn's digits: a stratified ``test_size`` carve with ``seed``, the
+    split the recipes use (digits has no test split of its own)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"{SKLEARN_DIGITS} has the splits 'train' and 'test' (carved with test_size and seed), "
+                         f"not {split!r}")
+    parts = load_sklearn_digits(image_size).train_test_split(test_size=test_size, seed=seed,
+                                                             stratify_by_column="label")
+    return parts[split]
+
+
 def train_validation_split(dataset, validation_size: int | float, seed: int = 0):
     """Carve a stratified validation split out of a *training* split: ``(train, validation)``.
 

@@ -68,3 +68,13 @@ class GloRoImageProcessor(ViTImageProcessor):
 def gloro_image_processor(num_channels: int, image_size: int) -> GloRoImageProcessor:
     """The processor matching a model's ``config.num_channels`` and ``config.image_size``."""
     return GloRoImageProcessor(num_channels=num_channels, size={"height": image_size, "width": image_size})
+
+
+def image_processor_for_config(config) -> GloRoImageProcessor:
+    """The image processor a saved GloRo model ships with (``preprocessor_config.json``), from its config.
+
+    Resize to ``config.image_size`` squared, rescale to [0, 1], ``config.num_channels`` channels, no
+    normalisation. ``save_pretrained``, :class:`~hf_gloro.GloRoTrainer` and the recipe write it next to the
+    weights so that ``pipeline(...)``, ``AutoImageProcessor`` and the CLI all work on the folder.
+    """
+    return gloro_image_processor(int(config.num_channels), int(config.image_size))

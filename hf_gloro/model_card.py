@@ -1,4 +1,7 @@
-"""Model cards for GloRo models: certified metrics in the model-index, the bound and its method, a plot.
+"""Model cards for GloRo models: render the card (model-index, the bound and its method) and plot the curve.
+
+This module only renders and plots; the figures come from :mod:`hf_gloro.evaluation`
+(:class:`~hf_gloro.evaluation.CertifiedEvaluation`, computed with the certified-accuracy metric module).
 
 The card is rendered from ``model_cards/gloro_model_card.md`` with :meth:`huggingface_hub.ModelCard.from_template`.
 Its metadata carries a ``model-index`` with clean accuracy and one verified-robust-accuracy (VRA) entry per
@@ -20,16 +23,14 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluation import certified_metrics
+# The evaluation itself lives in hf_gloro.evaluation; re-exported here for existing imports.
+from .evaluation import CertifiedEvaluation, evaluate_for_card  # noqa: F401
 
 #: File names written next to the card.
 PLOT_FILE = "certified_accuracy.png"
@@ -38,6 +39,11 @@ CURVE_CSV_FILE = "certified_accuracy.csv"
 
 #: ``metric_args["certifier"]`` of every VRA entry.
 CERTIFIER = "gloro-global-lipschitz"
+
+#: What ``recipes/train.py`` records next to the model: the command and every argument of the run.
+TRAINING_RECORD_FILE = "training_recipe.json"
+#: transformers' ``Trainer.save_metrics("all", ...)`` file, read for the final figures of a run.
+ALL_RESULTS_FILE = "all_results.json"
 
 TASK_TYPE = "image-classification"
 TEMPLATE_NAME = "gloro_model_card.md"
@@ -50,142 +56,6 @@ def default_template_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"model card template {TEMPLATE_NAME!r} not found next to {here}")
-
-
-# --- evaluation ---------------------------------------------------------------------------------------
-@dataclass
-class CertifiedEvaluation:
-    """Per-example certificates of one model on one labelled split: everything a card and its plot need.
-
-    Args:
-        predictions, labels: ``(N,)`` integer arrays.
-        radius: ``(N,)`` float64 certified radii (``min_{i≠j}(y_j − y_i)/K_ji``), from ``model.certify``.
-        epsilon: the certifying radius the card reports (usually ``config.epsilon``).
-        lipschitz_constant: the guaranteed bound the radii were computed with.
-        dataset_id: Hub name of the data set (``ylecun/mnist``) or a local description.
-        dataset_split: the split evaluated.
-        radii: radii that get a VRA entry in the model-index (ε always included).
-        dataset_name: human-readable name (defaults to ``dataset_id``).
-    """
-
-    predictions: np.ndarray
-    labels: np.ndarray
-    radius: np.ndarray
-    epsilon: float
-    lipschitz_constant: float
-    dataset_id: str
-    dataset_split: str = "test"
-    radii: list[float] = field(default_factory=list)
-    dataset_name: str | None = None
-
-    def __post_init__(self) -> None:
-        self.predictions = np.asarray(self.predictions, dtype=np.int64).reshape(-1)
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        self.radius = np.asarray(self.radius, dtype=np.float64).reshape(-1)
-        if not len(self.predictions) == len(self.labels) == len(self.radius):
-            raise ValueError("predictions, labels and radius must have the same length")
-        if len(self.labels) == 0:
-            raise ValueError("an evaluation needs at least one example")
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"epsilon must be finite and > 0, got {self.epsilon}")
-        radii = {float(r) for r in self.radii if r > 0} | {float(self.epsilon)}
-        self.radii = sorted(radii)
-        self.dataset_name = self.dataset_name or self.dataset_id
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.labels)
-
-    @property
-    def correct(self) -> np.ndarray:
-        return self.predictions == self.labels
-
-    def metrics(self) -> dict[str, float]:
-        """:func:`hf_gloro.evaluation.certified_metrics` at ``epsilon``, with ``vra@r`` for every radius."""
-        return certified_metrics(self.predictions, self.labels, self.radius, self.epsilon, self.radii)
-
-    def certified_accuracy(self, radius: float | Sequence[float]) -> np.ndarray:
-        """Fraction of examples that are correct and certified beyond ``radius`` (VRA at that radius)."""
-        r = np.asarray(radius, dtype=np.float64)
-        hits = self.correct[None, :] & (self.radius[None, :] > r.reshape(-1, 1))
-        return hits.mean(axis=1).reshape(r.shape)
-
-    def curve(self, num_points: int = 201) -> dict[str, list[float]]:
-        """Certified accuracy on a radius grid from 0 past the largest card radius (and the radii themselves)."""
-        finite = self.radius[self.correct & np.isfinite(self.radius)]
-        top = max(self.radii) * 1.5
-        if finite.size:
-            top = max(top, float(np.quantile(finite, 0.99)) * 1.05)
-        grid = np.union1d(np.linspace(0.0, top, num_points), np.asarray(self.radii, dtype=np.float64))
-        return {"radius": grid.tolist(), "certified_accuracy": self.certified_accuracy(grid).tolist()}
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary (metrics and curve; not the per-example arrays)."""
-        return {
-            "dataset": self.dataset_id, "dataset_name": self.dataset_name, "split": self.dataset_split,
-            "num_examples": self.num_examples, "epsilon": self.epsilon, "norm": "l2",
-            "lipschitz_constant": self.lipschitz_constant, "radii": self.radii, "metrics": self.metrics(),
-            **self.curve(),
-        }
-
-
-@torch.no_grad()
-def evaluate_for_card(
-    model,
-    data: Iterable,
-    *,
-    dataset_id: str,
-    dataset_split: str = "test",
-    epsilon: float | None = None,
-    radii: Sequence[float] | None = None,
-    batch_size: int = 256,
-    limit: int | None = None,
-    progress: bool = False,
-    dataset_name: str | None = None,
-) -> CertifiedEvaluation:
-    """Certify ``data`` with ``model.certify`` and keep every example's prediction and radius.
-
-    ``data`` is a ``datasets.Dataset`` with an ``Image`` and a ``ClassLabel`` column (images are converted
-    with :func:`hf_gloro.data.images_to_pixels`) or an iterable of ``(pixel_values, labels)`` batches.
-    ``radii`` defaults to ``(ε/2, ε, 2ε)``.
-    """
-    from tqdm.auto import tqdm
-
-    epsilon = float(model.config.epsilon if epsilon is None else epsilon)
-    radii = [epsilon / 2, epsilon, 2 * epsilon] if radii is None else list(radii)
-    batches = _batches(model, data, batch_size, limit)
-    device = next(model.parameters()).device
-    predictions, labels, radius = [], [], []
-    bound = None
-    for pixel_values, batch_labels in tqdm(batches, desc="certifying", disable=not progress, leave=False):
-        certificate = model.certify(pixel_values.to(device), epsilon)
-        bound = certificate.lipschitz_constant
-        predictions.append(certificate.predictions.cpu())
-        radius.append(certificate.radius.cpu())
-        labels.append(torch.as_tensor(batch_labels).cpu())
-    if not labels:
-        raise ValueError("no examples to evaluate")
-    return CertifiedEvaluation(
-        predictions=torch.cat(predictions).numpy(), labels=torch.cat(labels).numpy(),
-        radius=torch.cat(radius).numpy(), epsilon=epsilon, lipschitz_constant=float(bound),
-        dataset_id=dataset_id, dataset_split=dataset_split, radii=radii, dataset_name=dataset_name,
-    )
-
-
-def _batches(model, data, batch_size: int, limit: int | None):
-    import datasets
-
-    if not isinstance(data, datasets.Dataset):
-        yield from data
-        return
-    from .data import image_column, images_to_pixels, label_column
-
-    images, label = image_column(data), label_column(data)
-    total = len(data) if limit is None else min(limit, len(data))
-    config = model.config
-    for start in range(0, total, batch_size):
-        rows = data[start : min(start + batch_size, total)]
-        yield images_to_pixels(rows[images], config.num_channels, config.image_size), torch.tensor(rows[label])
 
 
 # --- plot and curve data ------------------------------------------------------------------------------
@@ -226,6 +96,75 @@ def save_certified_accuracy_curve(evaluation: CertifiedEvaluation, directory: st
     figure.tight_layout()
     figure.savefig(paths["png"])
     return paths
+
+
+# --- training record ----------------------------------------------------------------------------------
+def read_training_record(directory: str | os.PathLike) -> tuple[dict | None, dict | None]:
+    """``(training_recipe.json, all_results.json)`` of a model folder written by the recipe (``None`` if absent)."""
+    found = []
+    for name in (TRAINING_RECORD_FILE, ALL_RESULTS_FILE):
+        path = Path(directory) / name
+        try:
+            found.append(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None)
+        except (OSError, ValueError):
+            found.append(None)
+    return found[0], found[1]
+
+
+def describe_training(record: dict, results: dict | None = None) -> str:
+    """The card's "Training" section (markdown) from a recipe record and, optionally, its final results."""
+    model, data, args = record.get("model_args", {}), record.get("data_args", {}), record.get("training_args", {})
+    command = " ".join(["python", record.get("recipe", "recipes/train.py"), *record.get("command_line", [])])
+    lines = [f"Trained with hf-gloro's certified-training recipe: `{command}`.", ""]
+    dataset = data.get("dataset_name", "?")
+    if dataset == "sklearn/digits":
+        split = (f"scikit-learn's bundled digits at {data.get('image_size')}×{data.get('image_size')}, "
+                 f"a stratified {data.get('test_size', 0.2):.0%} test carve (seed {args.get('seed', 0)})")
+    else:
+        split = f"`{dataset}` (train split `{data.get('train_split', 'train')}`, test split `{data.get('test_split')}`)"
+        if data.get("dataset_dir"):
+            split += " read from a local copy in the Hub layout"
+    validation = data.get("validation_size")
+    if validation is not None:
+        share = f"{validation:.0%} of the training images" if validation < 1 else f"{validation:g} images"
+        split += f"; validation ({share}) carved from the training split for checkpoint selection"
+    lines.append(f"- **Data:** {split}")
+    augmentation = [f"random crop (padding {data['crop_padding']})"] if data.get("crop_padding") else []
+    augmentation += ["horizontal flips"] if data.get("horizontal_flip") else []
+    if augmentation:
+        lines.append(f"- **Augmentation:** {', '.join(augmentation)}")
+    lines.append(f"- **Model:** `{model.get('backbone')}`, certifying ε = {format_radius(float(model.get('epsilon', 0)))}, "
+                 f"{model.get('power_iterations')} power iterations per step, head normalisation "
+                 f"`{model.get('head_normalization')}`")
+    loss = args.get("gloro_loss", "gloro_ce")
+    objective = (f"`{loss}` at ε_train = {args.get('train_epsilon_multiplier', 1.0):g}·ε, schedule "
+                 f"`{args.get('epsilon_schedule', 'fixed')}`")
+    if args.get("epsilon_schedule", "fixed") != "fixed":
+        objective += f" from {args.get('epsilon_start_fraction'):g}·ε_train"
+    if loss == "trades":
+        objective += f"; TRADES λ = {args.get('trades_lambda'):g} (`{args.get('trades_lambda_schedule')}`)"
+    lines.append(f"- **Objective:** {objective}")
+    lr = f"{args.get('learning_rate'):g}"
+    if args.get("lr_decay_after_half_to") is not None:
+        lr += f", constant for half of training then decaying exponentially to {args['lr_decay_after_half_to']:g}"
+    else:
+        lr += f" (`{args.get('lr_scheduler_type')}` schedule)"
+    length = (f"{args['max_steps']} steps" if args.get("max_steps", -1) and args.get("max_steps", -1) > 0
+              else f"{args.get('num_train_epochs'):g} epochs")
+    lines.append(f"- **Optimisation:** `{args.get('optim')}`, learning rate {lr}, batch "
+                 f"{args.get('per_device_train_batch_size')} per device, {length}, weight decay "
+                 f"{args.get('weight_decay', 0):g}, seed {args.get('seed')}")
+    if args.get("load_best_model_at_end"):
+        lines.append(f"- **Selection:** the checkpoint with the best validation `{args.get('metric_for_best_model')}`")
+    if results:
+        done = [f"{results['epochs']:.1f} epochs" if "epochs" in results else None,
+                f"{results['global_step']} optimizer steps" if "global_step" in results else None,
+                f"{results['wall_time_s']:.0f} s wall time" if "wall_time_s" in results else None]
+        done = [item for item in done if item]
+        if done:
+            lines.append(f"- **Run:** {', '.join(done)}")
+    lines += ["", f"Every argument of the run is in [`{TRAINING_RECORD_FILE}`]({TRAINING_RECORD_FILE})."]
+    return "\n".join(lines)
 
 
 # --- card -----------------------------------------------------------------------------------------------

@@ -16,6 +16,15 @@ What the trainer adds to a plain ``Trainer``:
   ``Trainer`` metric (``eval_vra`` …), so ``metric_for_best_model="vra"`` selects checkpoints on validation VRA.
 * **LR schedule** ``lr_decay_after_half_to`` (the GloRo recipe's "decay_to_X_after_half") in addition to every
   ``transformers`` schedule.
+* **Complete folders**: the image processor (:func:`hf_gloro.image_processing.image_processor_for_config`) is the
+  default ``processing_class``, so the output folder and every checkpoint hold ``preprocessor_config.json`` and
+  work with ``pipeline(...)``.
+* **Console**: transformers' progress bar, training logs as floats, evaluation metrics in the bar instead of
+  one dict per evaluation (:class:`CertifiedProgressCallback`), no "Writing model shards" bar per checkpoint.
+* **Mixed precision**: certificates are never computed under autocast; with ``bf16``/``fp16`` the evaluation
+  certifies outside the autocast region, so the reported VRA is the full-precision one.
+* **Multi-process**: the process group is destroyed when the interpreter exits (or at
+  :meth:`GloRoTrainer.end_training`), so that gloo's threads are gone before Python tears down.
 
 Resuming (``trainer.train(resume_from_checkpoint=...)``) restores weights *and* power iterates (persistent
 buffers), optimizer, LR scheduler, RNG and data order; the ε/λ schedules are pure functions of the global step,
@@ -24,6 +33,8 @@ so a resumed run ends with the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import csv
 import math
 import os
@@ -33,17 +44,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import EvalPrediction
+from transformers.utils import logging as hf_logging
 
-from .evaluation import certified_metrics
+from .evaluation import certify_exactly, compute_certified_metrics
+from .image_processing import image_processor_for_config
 from .losses import NEEDS_MARGIN_CONSTANTS, gloro_loss, resolve_loss_name
 from .schedules import SCHEDULES, Schedule, decay_after_half, training_epsilon
 
 __all__ = [
     "CertifiedMetricsCSVCallback",
+    "CertifiedProgressCallback",
+    "EpochSeededAugmentationCallback",
     "GloRoTrainer",
     "GloRoTrainingArguments",
     "collate_pixels",
+    "destroy_process_group",
     "sync_power_iterates",
 ]
 
@@ -106,10 +123,16 @@ class GloRoTrainingArguments(TrainingArguments):
 
 
 def collate_pixels(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` / ``labels`` of examples produced by :class:`hf_gloro.data.PixelsTransform`."""
+    """Stack ``pixel_values`` and the labels of examples (``labels`` or ``label``, as in the transformers
+    image-classification tutorial) into a batch with ``pixel_values`` and ``labels``."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    key = "labels" if "labels" in examples[0] else "label" if "label" in examples[0] else None
+    if key is None:
+        raise KeyError(f"examples need a 'labels' or 'label' entry, got keys {sorted(examples[0])}")
     return {
         "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
-        "labels": torch.as_tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+        "labels": torch.as_tensor([int(e[key]) for e in examples], dtype=torch.long),
     }
 
 
@@ -128,6 +151,29 @@ def sync_power_iterates(model: torch.nn.Module) -> None:
         torch.distributed.broadcast(buffer, src=0)
 
 
+def destroy_process_group() -> None:
+    """Destroy the default process group if one is initialised (idempotent).
+
+    A gloo process group that is still alive when the interpreter shuts down is destroyed during C++ static
+    destruction, while its worker threads may still be joinable: ``std::terminate`` ("terminate called
+    without an active exception", SIGABRT). Destroying it first joins those threads.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a peer that already exited must not turn exit into an error
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        atexit.register(destroy_process_group)
+        _EXIT_HOOK_REGISTERED = True
+
+
 class GloRoTrainer(Trainer):
     """``Trainer`` for :class:`~hf_gloro.GloRoForImageClassification`; see the module docstring.
 
@@ -141,10 +187,23 @@ class GloRoTrainer(Trainer):
             kwargs["data_collator"] = collate_pixels
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = self._certified_metrics
+        model = kwargs.get("model", args[0] if args else None)
+        if kwargs.get("processing_class") is None and getattr(model, "config", None) is not None:
+            # Saved with every checkpoint and the final model: the folders work with pipeline(...) as they are.
+            kwargs["processing_class"] = image_processor_for_config(model.config)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, GloRoTrainingArguments):
             raise TypeError("GloRoTrainer needs GloRoTrainingArguments")
         self._last_certification: dict[str, float] = {}
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(CertifiedProgressCallback)
+        self.add_callback(EpochSeededAugmentationCallback(self))
+        if self.args.world_size > 1:
+            _destroy_process_group_at_exit()
+
+    def end_training(self) -> None:
+        """Release the process group of a multi-process run (call once, after the last evaluation)."""
+        destroy_process_group()
 
     # --- schedules ----------------------------------------------------------------------------------
     @property
@@ -191,12 +250,14 @@ class GloRoTrainer(Trainer):
             outputs = model(pixel_values=pixel_values, epsilon=epsilon)
             margin_constants = None
             if self.args.gloro_loss in NEEDS_MARGIN_CONSTANTS:
-                # The forward just updated the iterates; 0 further iterations re-evaluates the very same
-                # differentiable estimate k = Π‖A_l v_l‖ without another power-iteration step.
-                unwrapped = self._unwrapped()
-                margin_constants = unwrapped.head.margin_constants_estimate(
-                    unwrapped.lipschitz_estimate(iterations=0, update=False)
-                )
+                margin_constants = getattr(outputs, "margin_constants", None)
+                if margin_constants is None:  # models from before `margin_constants` joined the outputs
+                    # The forward just updated the iterates; 0 further iterations re-evaluates the very same
+                    # differentiable estimate k = Π‖A_l v_l‖ without another power-iteration step.
+                    unwrapped = self._unwrapped()
+                    margin_constants = unwrapped.head.margin_constants_estimate(
+                        unwrapped.lipschitz_estimate(iterations=0, update=False)
+                    )
             loss = gloro_loss(self.args.gloro_loss, logits=outputs.logits, gloro_logits=outputs.gloro_logits,
                               labels=labels, epsilon=epsilon, margin_constants=margin_constants,
                               trades_lambda=self.current_trades_lambda())
@@ -215,8 +276,16 @@ class GloRoTrainer(Trainer):
             return loss, None, None
         # (prediction, certified radius) per example, float64 (the radius needs it); argmax of float32 logits
         # equals the certificate's float64 argmax (the conversion is exact).
-        radius = outputs.certified_radius.to(device=outputs.logits.device, dtype=torch.float64)
-        summary = torch.stack([outputs.logits.argmax(-1).to(torch.float64), radius], dim=-1)
+        if outputs.certified_radius is None:
+            # Under autocast (bf16/fp16 evaluation) the forward gives no certificate: certify the same inputs
+            # in full precision. Only certify() escapes accelerate's autocast wrapper around forward().
+            certificate = certify_exactly(self._unwrapped(), inputs["pixel_values"])
+            predictions, radius = certificate.predictions, certificate.radius
+        else:
+            predictions, radius = outputs.logits.argmax(-1), outputs.certified_radius
+        device = outputs.logits.device
+        summary = torch.stack([predictions.to(device=device, dtype=torch.float64),
+                               radius.to(device=device, dtype=torch.float64)], dim=-1)
         return loss, summary, inputs["labels"]
 
     # --- certification state ------------------------------------------------------------------------
@@ -233,8 +302,8 @@ class GloRoTrainer(Trainer):
     def _certified_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
         summary = np.asarray(prediction.predictions, dtype=np.float64)
         labels = np.asarray(prediction.label_ids).reshape(-1)
-        metrics = certified_metrics(summary[:, 0].astype(np.int64), labels, summary[:, 1],
-                                    self.certifying_epsilon, self.args.extra_eval_radii)
+        metrics = compute_certified_metrics(summary[:, 0].astype(np.int64), labels, summary[:, 1],
+                                            self.certifying_epsilon, self.args.extra_eval_radii)
         metrics["epsilon"] = self.certifying_epsilon
         metrics.update(self._last_certification or {"lipschitz_constant": self._unwrapped().lipschitz_constant()})
         return metrics
@@ -243,27 +312,21 @@ class GloRoTrainer(Trainer):
         self.prepare_certification()
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        self.prepare_certification()
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every rank converges (identical iterates everywhere); rank 0 writes weights, iterates and a config
         # that records the certifying ε and the guaranteed bound.
         self.prepare_certification()
-        super().save_model(output_dir, _internal_call=_internal_call)
+        with _no_library_progress_bars():  # no "Writing model shards" bar per checkpoint
+            super().save_model(output_dir, _internal_call=_internal_call)
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
         self.prepare_certification()
         return result
-
-    # --- data ---------------------------------------------------------------------------------------
-    def _run_epoch(self, *args, **kwargs):
-        # Seeded augmentations (hf_gloro.data.PixelsTransform) are keyed by (seed, epoch, example index), so the
-        # images of a resumed run do not depend on prefetching or on when the Trainer restores RNG states.
-        transform = None
-        if self.train_dataset is not None and hasattr(self.train_dataset, "format"):
-            transform = (self.train_dataset.format.get("format_kwargs") or {}).get("transform")
-        if hasattr(transform, "set_epoch") and "epoch" in kwargs:
-            transform.set_epoch(kwargs["epoch"])
-        return super()._run_epoch(*args, **kwargs)
 
     # --- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -272,6 +335,77 @@ class GloRoTrainer(Trainer):
             if self.args.gloro_loss == "trades":
                 logs["trades_lambda"] = round(self.current_trades_lambda(), 6)
         super().log(logs, start_time)
+
+
+@contextlib.contextmanager
+def _no_library_progress_bars():
+    enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _readable(value):
+    """Floats with 4 significant digits (still floats, not strings); everything else as it is."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.4g}")
+    return value
+
+
+class CertifiedProgressCallback(ProgressCallback):
+    """transformers' progress bar with a quieter log: training logs are printed as a dict of floats (4
+    significant digits, not strings), evaluation metrics during training go into the bar's postfix
+    (``vra``, ``clean``, ``best``) instead of one printed dict per evaluation."""
+
+    _best: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._best = state.best_metric
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        logs = {k: v for k, v in logs.items() if k != "total_flos"}
+        if any(key.startswith("eval_") for key in logs):
+            postfix = {}
+            for key, short in (("eval_vra", "vra"), ("eval_clean_accuracy", "clean")):
+                if isinstance(logs.get(key), (int, float)):
+                    postfix[short] = f"{logs[key]:.4f}"
+            metric = args.metric_for_best_model
+            value = logs.get(metric if metric and metric.startswith("eval_") else f"eval_{metric}")
+            if isinstance(value, (int, float)):
+                better = self._best is None or (value > self._best if args.greater_is_better else value < self._best)
+                self._best = value if better else self._best
+                postfix[f"best {metric}"] = f"{self._best:.4f}"
+            self.training_bar.set_postfix(postfix, refresh=True)
+            return
+        self.training_bar.write(str({key: _readable(value) for key, value in logs.items()}))
+
+
+class EpochSeededAugmentationCallback(TrainerCallback):
+    """Tell a seeded augmentation (:class:`hf_gloro.data.PixelsTransform`) which epoch begins.
+
+    Its random choices are keyed by ``(seed, epoch, example index)``, so the images of a resumed run do not
+    depend on prefetching or on when the Trainer restores RNG states. At an epoch's beginning
+    ``state.epoch`` is the number of completed epochs (``e + steps/steps`` is exactly ``e + 1``), or the
+    fractional epoch a checkpoint was written in when training resumes mid-epoch; its integer part is the
+    epoch that runs next.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.trainer.train_dataset
+        transform = (dataset.format.get("format_kwargs") or {}).get("transform") if hasattr(dataset, "format") \
+            else None
+        if hasattr(transform, "set_epoch"):
+            transform.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
 
 
 class CertifiedMetricsCSVCallback(TrainerCallback):

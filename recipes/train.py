@@ -1,25 +1,42 @@
 #!/usr/bin/env python
-"""Certified (GloRo) training recipe: ``python recipes/train.py recipes/configs/<config>.yaml [--key value ...]``.
+"""Certified (GloRo) training recipe.
 
-Runs under ``accelerate launch`` / ``torchrun`` as well (one process per rank). The YAML file holds the
-fields of :class:`ModelArguments`, :class:`DataArguments` and :class:`hf_gloro.GloRoTrainingArguments`; any
-of them can be overridden on the command line after the file (``--num_train_epochs 5``).
+usage: train.py CONFIG.yaml [--KEY VALUE ...] [--debug]
 
-Data: ``datasets.load_dataset(<Hub name>)``, or the same layout from ``--dataset_dir`` (e.g.
-``/work/shared/data``), or ``sklearn/digits`` (bundled with scikit-learn: no network). Images are decoded once
-to raw uint8 bytes (cached by ``datasets``), then batches are built with ``with_transform`` (augmentation in
-torch). A stratified validation split is carved from the training split for model selection; the test split
-is only evaluated at the end.
+CONFIG.yaml holds the fields of ModelArguments, DataArguments and hf_gloro.GloRoTrainingArguments (a
+transformers TrainingArguments); any of them can be overridden on the command line after the file
+(``--num_train_epochs 5``). ``--help`` lists the recipe's own options, ``--help-all`` every TrainingArguments
+option too. Errors are one line unless ``--debug`` is given.
 
-Output: ``output_dir`` holds the final model (loadable with ``AutoModelForImageClassification.from_pretrained``
-after ``import hf_gloro``; its config records the certifying ε and the guaranteed Lipschitz bound),
-``test_results.json`` / ``all_results.json`` and the checkpoints.
+Several processes (CPU: gloo; one per GPU: NCCL) — each rank loads the data and trains one shard per step:
+
+    torchrun --nproc_per_node 2 recipes/train.py recipes/configs/offline_default.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/train.py recipes/configs/offline_default.yaml
+
+(``accelerate launch --cpu --num_processes 2`` starts ONE process: ``--cpu`` selects accelerate's simple
+launcher, which only forks through ``mpirun --mpirun_hostfile``. ``--multi_gpu`` selects torch.distributed.run,
+and without CUDA the ranks train on the CPU.)
+
+Data: ``datasets.load_dataset(<Hub name>)``, the same layout from ``--dataset_dir`` (e.g. ``/work/shared/data``),
+or ``sklearn/digits`` (bundled with scikit-learn: no network). Images are decoded once to raw uint8 bytes
+(cached by ``datasets``), then batches are built with ``with_transform`` (augmentation in torch). A stratified
+validation split is carved from the training split for model selection; the test split is evaluated once, at
+the end.
+
+The output folder is a finished, shareable model: ``model.safetensors`` + ``config.json`` (certifying ε and the
+guaranteed Lipschitz bound) + ``preprocessor_config.json`` (so ``pipeline("image-classification", folder)``,
+``pipeline("certified-image-classification", folder)``, the ``hf-gloro`` CLI and ``from_pretrained`` all work),
+``README.md`` (model card with model-index) + ``certified_accuracy.png``, ``training_recipe.json`` (the
+arguments of this run), ``train_results.json`` / ``eval_results.json`` / ``test_results.json`` /
+``all_results.json``, ``trainer_state.json`` and ``eval_metrics.csv`` (the validation curve).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,10 +44,11 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 import hf_gloro
 from hf_gloro.data import (
+    SKLEARN_DIGITS,
     PixelsTransform,
     add_index_column,
     decode_images,
@@ -39,11 +57,18 @@ from hf_gloro.data import (
     load_sklearn_digits,
     train_validation_split,
 )
+from hf_gloro.evaluation import CertifiedEvaluation
+from hf_gloro.model_card import TRAINING_RECORD_FILE, describe_training, write_model_card
 from hf_gloro.trainer import CertifiedMetricsCSVCallback, GloRoTrainer, GloRoTrainingArguments
 
 logger = logging.getLogger("hf_gloro.recipes.train")
 
-SKLEARN_DIGITS = "sklearn/digits"
+#: TrainingArguments fields shown by ``--help`` next to the recipe's and GloRo's own (``--help-all``: all).
+COMMON_TRAINING_FIELDS = (
+    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "eval_strategy", "save_strategy", "logging_steps", "seed",
+    "resume_from_checkpoint", "bf16", "disable_tqdm", "push_to_hub",
+)
 
 
 @dataclass
@@ -62,42 +87,106 @@ class ModelArguments:
 class DataArguments:
     dataset_name: str = field(default="ylecun/mnist", metadata={"help": "Hub name, or sklearn/digits"})
     dataset_dir: str | None = field(default=None, metadata={"help": "local copy in the Hub layout"})
-    train_split: str = "train"
+    train_split: str = field(default="train", metadata={"help": "split to train on (validation is carved from it)"})
     test_split: str | None = field(default="test", metadata={"help": "held-out split (None: carve test_size)"})
     test_size: float = field(default=0.2, metadata={"help": "fraction carved as test when there is no test split"})
     validation_size: float = field(default=5000, metadata={"help": "validation examples (or fraction) carved from train"})
-    num_channels: int = 1
-    image_size: int = 28
+    num_channels: int = field(default=1, metadata={"help": "1 (grayscale) or 3 (RGB)"})
+    image_size: int = field(default=28, metadata={"help": "images are resized to image_size × image_size"})
     crop_padding: int = field(default=0, metadata={"help": "random-crop padding (0: off)"})
-    horizontal_flip: bool = False
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    max_test_samples: int | None = None
-    decode_num_proc: int | None = None
+    horizontal_flip: bool = field(default=False, metadata={"help": "random horizontal flips"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training images"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "... validation images"})
+    max_test_samples: int | None = field(default=None, metadata={"help": "... test images"})
+    decode_num_proc: int | None = field(default=None, metadata={"help": "processes for the one-time decoding"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (per process)"})
+
+
+class RecipeError(Exception):
+    """A problem with the command line, the config file or the data: reported as one line."""
+
+
+# --- command line ---------------------------------------------------------------------------------------
+def _parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, GloRoTrainingArguments),
+                            usage="%(prog)s CONFIG.yaml [--KEY VALUE ...] [--debug]",
+                            description="Certified (GloRo) training: YAML config, then overrides.")
+
+
+def short_help(prog: str = "train.py") -> str:
+    """The ``--help`` text: usage, the YAML argument, then the recipe's and GloRo's own options."""
+    lines = [
+        f"usage: {prog} CONFIG.yaml [--KEY VALUE ...] [--debug]",
+        "",
+        "Certified (GloRo) training. CONFIG.yaml (e.g. recipes/configs/offline_default.yaml) sets any of the",
+        "options below and every transformers TrainingArguments field; --KEY VALUE after it overrides the file.",
+        "",
+        "positional arguments:",
+        "  CONFIG.yaml           YAML file of options (keys = option names without the leading --)",
+        "",
+        "options:",
+        "  -h, --help            this help; --help-all: every TrainingArguments option as well",
+        "  --debug               show tracebacks instead of one-line errors",
+    ]
+    sections = [("model", ModelArguments, None), ("data", DataArguments, None),
+                ("certified training (GloRoTrainingArguments)", GloRoTrainingArguments,
+                 {f.name for f in dataclasses.fields(GloRoTrainingArguments)}
+                 - {f.name for f in dataclasses.fields(TrainingArguments)}),
+                ("common TrainingArguments", GloRoTrainingArguments, set(COMMON_TRAINING_FIELDS))]
+    for title, cls, names in sections:
+        lines += ["", f"{title}:"]
+        for item in dataclasses.fields(cls):
+            if names is not None and item.name not in names:
+                continue
+            default = item.default if item.default is not dataclasses.MISSING else (
+                item.default_factory() if item.default_factory is not dataclasses.MISSING else None)
+            text = item.metadata.get("help", "").split("\n")[0]
+            text = text if len(text) <= 70 else text[:67] + "..."
+            lines.append(f"  --{item.name:<28} {text} (default: {default!r})")
+    return "\n".join(lines) + "\n"
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, GloRoTrainingArguments]:
     """``<config.yaml> [--key value ...]``: YAML values become defaults, the command line overrides them."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, GloRoTrainingArguments))
+    parser = _parser()
+    if "--help-all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(short_help(os.path.basename(sys.argv[0]) or "train.py"))
+        raise SystemExit(0)
     if argv and argv[0].endswith((".yaml", ".yml")):
-        with open(argv.pop(0)) as handle:
-            values: dict[str, Any] = yaml.safe_load(handle) or {}
+        path = argv.pop(0)
+        if not os.path.isfile(path):
+            raise RecipeError(f"config file {path!r} does not exist")
+        try:
+            with open(path) as handle:
+                values: dict[str, Any] = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise RecipeError(f"config file {path!r} is not valid YAML: {_first_line(error)}") from error
+        if not isinstance(values, dict):
+            raise RecipeError(f"config file {path!r} must hold a mapping of option names to values")
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown keys in the config file: {unknown}")
+            raise RecipeError(f"unknown keys in the config file {path!r}: {unknown}")
         if isinstance(values.get("backbone_kwargs"), dict):
             values["backbone_kwargs"] = json.dumps(values["backbone_kwargs"])
         parser.set_defaults(**values)
         for action in parser._actions:  # values given in the file satisfy required arguments
             if action.dest in values:
                 action.required = False
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    elif argv and not argv[0].startswith("-"):
+        raise RecipeError(f"the first argument must be a YAML config file (*.yaml), got {argv[0]!r}")
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # TrainingArguments.__post_init__ checks
+        raise RecipeError(_first_line(error)) from error
     return model_args, data_args, training_args
 
 
+# --- data and model -------------------------------------------------------------------------------------
 def _limit(dataset, count: int | None):
     return dataset if count is None or count >= len(dataset) else dataset.select(range(count))
 
@@ -110,7 +199,12 @@ def build_datasets(data_args: DataArguments, seed: int, main_process_first=None)
         train, test = parts["train"], parts["test"]
     else:
         def load(split):
-            dataset = load_image_dataset(data_args.dataset_name, split, data_args.dataset_dir)
+            try:
+                dataset = load_image_dataset(data_args.dataset_name, split, data_args.dataset_dir)
+            except (FileNotFoundError, ValueError, ConnectionError) as error:
+                where = f" in {data_args.dataset_dir!r}" if data_args.dataset_dir else ""
+                raise RecipeError(f"cannot load split {split!r} of {data_args.dataset_name!r}{where}: "
+                                  f"{_first_line(error)}") from error
             return decode_images(dataset, data_args.num_channels, data_args.image_size, data_args.decode_num_proc)
 
         context = main_process_first(desc="decoding images") if main_process_first else _nullcontext()
@@ -163,9 +257,44 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, label_name
     return hf_gloro.GloRoForImageClassification(config)
 
 
+# --- the finished folder --------------------------------------------------------------------------------
+def training_record(model_args, data_args, training_args, argv: list[str], config_file: str | None) -> dict:
+    """What ``training_recipe.json`` records: the command, the config file and every argument of the run."""
+    training = {key: value for key, value in training_args.to_dict().items()
+                if not key.startswith(("hub_", "push_to_hub")) and "token" not in key}
+    return {"recipe": "recipes/train.py", "config_file": config_file, "command_line": argv,
+            "hf_gloro_version": hf_gloro.__version__, "model_args": dataclasses.asdict(model_args),
+            "data_args": dataclasses.asdict(data_args), "training_args": training}
+
+
+def test_evaluation(prediction, data_args: DataArguments, model, bound: float, extra_radii) -> CertifiedEvaluation:
+    """The test split's per-example certificates (from ``trainer.predict``) as the card's evaluation."""
+    summary = prediction.predictions
+    if data_args.dataset_name == SKLEARN_DIGITS:
+        name = (f"scikit-learn digits ({data_args.image_size}×{data_args.image_size}; test = "
+                f"{data_args.test_size:.0%} stratified carve)")
+        split = "test"
+    else:
+        name = data_args.dataset_name
+        split = data_args.test_split or "test"
+    epsilon = float(model.config.epsilon)
+    return CertifiedEvaluation(
+        predictions=summary[:, 0].astype("int64"), labels=prediction.label_ids, radius=summary[:, 1],
+        epsilon=epsilon, lipschitz_constant=bound, dataset_id=data_args.dataset_name, dataset_split=split,
+        radii=sorted({epsilon / 2, epsilon, 2 * epsilon, *map(float, extra_radii)}), dataset_name=name,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
     model_args, data_args, training_args = parse_arguments(argv)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     if data_args.torch_threads:
         torch.set_num_threads(data_args.torch_threads)
     set_seed(training_args.seed)
@@ -176,33 +305,78 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_model(model_args, data_args, label_names)
     trainer = GloRoTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
                            callbacks=[CertifiedMetricsCSVCallback()])
-    logger.info("train %d / validation %d / test %d examples; %d torch threads; world size %d",
-                len(train), len(validation), len(test), torch.get_num_threads(), training_args.world_size)
+    logger.info("%s: train %d / validation %d / test %d images; %s, ε = %g; %d torch threads × world size %d",
+                data_args.dataset_name, len(train), len(validation), len(test), model.config.backbone,
+                model.config.epsilon, torch.get_num_threads(), training_args.world_size)
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
+    trainer.save_model()  # weights, config (ε, guaranteed bound), preprocessor_config.json
     validation_metrics = trainer.evaluate(validation, metric_key_prefix="eval")
-    test_metrics = trainer.evaluate(test, metric_key_prefix="test")
+    prediction = trainer.predict(test, metric_key_prefix="test")
+    test_metrics = prediction.metrics
     wall = time.time() - started
-    summary = {
-        **{f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()},
-        **validation_metrics, **test_metrics,
-        "wall_time_s": wall, "epochs": trainer.state.epoch, "global_step": trainer.state.global_step,
-        "certifying_epsilon": float(trainer.model.config.epsilon),
-    }
+    train_metrics = dict(train_result.metrics)
+    summary = {**train_metrics, **validation_metrics, **test_metrics, "wall_time_s": wall,
+               "epochs": trainer.state.epoch, "global_step": trainer.state.global_step,
+               "certifying_epsilon": float(model.config.epsilon)}
     if trainer.is_world_process_zero():
+        output = training_args.output_dir
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_metrics("eval", validation_metrics)
         trainer.save_metrics("test", test_metrics)
-        trainer.save_metrics("all", summary)
-        print(
-            f"\n[hf-gloro] test: clean accuracy {test_metrics['test_clean_accuracy']:.4f}  "
-            f"VRA@{trainer.model.config.epsilon:g} {test_metrics['test_vra']:.4f}  "
-            f"rejection {test_metrics['test_rejection_rate']:.4f}  "
-            f"Lipschitz bound {test_metrics['test_lipschitz_constant']:.4g}  "
-            f"({trainer.state.epoch:.1f} epochs, {wall:.0f} s) → model saved to {training_args.output_dir}",
-            flush=True,
-        )
+        trainer.save_metrics("all", summary, combined=False)
+        trainer.save_state()
+        record = training_record(model_args, data_args, training_args, argv, config_file)
+        with open(os.path.join(output, TRAINING_RECORD_FILE), "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2, default=str)
+            handle.write("\n")
+        evaluation = test_evaluation(prediction, data_args, model, test_metrics["test_lipschitz_constant"],
+                                     training_args.extra_eval_radii)
+        write_model_card(model, output, evaluation, repo_id=training_args.hub_model_id or output,
+                         training=describe_training(record, summary))
+        _print_summary(summary, model, trainer, output)
+    trainer.end_training()
     return summary
 
 
+def _print_summary(summary: dict, model, trainer, output: str) -> None:
+    best = trainer.state.best_model_checkpoint
+    print(
+        f"[hf-gloro] test: clean accuracy {summary['test_clean_accuracy']:.4f}  "
+        f"VRA@{model.config.epsilon:g} {summary['test_vra']:.4f}  rejection {summary['test_rejection_rate']:.4f}  "
+        f"Lipschitz bound {summary['test_lipschitz_constant']:.4g}\n"
+        f"[hf-gloro] validation VRA {summary['eval_vra']:.4f}"
+        f"{f' (best checkpoint: {os.path.basename(best)})' if best else ''}; "
+        f"{summary['epochs']:.1f} epochs, {summary['global_step']} steps, {summary['wall_time_s']:.0f} s\n"
+        f"[hf-gloro] model, image processor, card and plot saved to {output}",
+        flush=True,
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with one-line errors (``--debug``: tracebacks)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    prog = os.path.basename(sys.argv[0]) or "train.py"
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # one line, unless --debug
+        if debug:
+            raise
+        kind = "" if isinstance(error, RecipeError) else f"{type(error).__name__}: "
+        hint = "" if isinstance(error, RecipeError) else " (rerun with --debug for the traceback)"
+        print(f"{prog}: error: {kind}{_first_line(error)}{hint}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

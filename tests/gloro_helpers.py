@@ -6,7 +6,9 @@ As a script (used by the tests through subprocesses):
   every 4 steps; ``--kill-at`` SIGKILLs the process right after that optimizer step; ``--resume`` continues from
   the last checkpoint. Writes ``OUT/final.pt`` (weights, iterates, metrics) when it finishes.
 * ``python -m torch.distributed.run --nproc_per_node 2 tests/gloro_helpers.py distributed OUT``: a 2-rank (gloo)
-  run; every rank writes ``OUT/rank{r}.pt`` with its weights, iterates and bounds.
+  run; every rank writes ``OUT/rank{r}.pt`` with its weights, iterates and bounds. The ranks use different
+  thread counts and rank 1 scrambles its power iterates before every synchronisation, so the ranks only end
+  equal if ``sync_power_iterates`` really synchronises.
 """
 
 from __future__ import annotations
@@ -87,20 +89,55 @@ def _resume_main(argv: list[str]) -> None:
                 "log_history": trainer.state.log_history}, os.path.join(output_dir, "final.pt"))
 
 
+def _power_iterates(model) -> dict[str, torch.Tensor]:
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers() if name.endswith("power_iterate")}
+
+
+@torch.no_grad()
+def scramble_power_iterates(model, seed: int) -> None:
+    """Replace every power iterate with a random unit vector (a rank that diverged)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, buffer in model.named_buffers():
+        if name.endswith("power_iterate"):
+            noise = torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype)
+            buffer.copy_(noise / noise.norm())
+
+
+class _ScrambleBeforeEvaluation(TrainerCallback):
+    """On one rank, scramble the iterates right before each evaluation converges and synchronises them."""
+
+    def __init__(self, trainer_ref: list, rank: int):
+        self.trainer_ref, self.rank = trainer_ref, rank
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.rank == 1 and args.eval_steps and state.global_step % args.eval_steps == 0:
+            scramble_power_iterates(self.trainer_ref[0].model, seed=state.global_step)
+
+
 def _distributed_main(argv: list[str]) -> None:
     output_dir = argv[0]
-    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    torch.set_num_threads(1 + rank)  # different float reductions on each rank (1 and 2 threads)
+    trainer_ref: list = []
     trainer = tiny_trainer(os.path.join(output_dir, "run"), max_steps=8, eval_steps=4, save_steps=4,
-                           gloro_loss="emma", load_best_model_at_end=False)
+                           gloro_loss="emma", load_best_model_at_end=False,
+                           callbacks=[_ScrambleBeforeEvaluation(trainer_ref, rank)])
+    trainer_ref.append(trainer)
     initial = model_snapshot(trainer.model)
     trainer.train()
-    metrics = trainer.evaluate()
     model = trainer.model
-    rank = int(os.environ.get("RANK", "0"))
+    if rank == 1:
+        scramble_power_iterates(model, seed=1234)
+    before_sync = _power_iterates(model)
+    trainer.prepare_certification()  # converge (from different iterates, with different threads), then sync
+    after_sync = _power_iterates(model)
+    metrics = trainer.evaluate()
     torch.save({"state_dict": model_snapshot(model), "initial": initial, "metrics": metrics,
+                "before_sync": before_sync, "after_sync": after_sync, "threads": torch.get_num_threads(),
                 "world_size": trainer.args.world_size, "bound": model.lipschitz_constant(),
                 "backend": str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None},
                os.path.join(output_dir, f"rank{rank}.pt"))
+    trainer.end_training()  # destroy the process group before the interpreter exits
 
 
 if __name__ == "__main__":
