@@ -13,8 +13,10 @@ from .modeling_gloro import (
     GloRoCertificate,
     GloRoForImageClassification,
     GloRoImageClassifierOutput,
+    CertificationRefusedError,
     GloRoPreTrainedModel,
     InconsistentCheckpointError,
+    ReducedPrecisionError,
 )
 
 AutoConfig.register("gloro", GloRoConfig, exist_ok=True)
@@ -70,5 +72,7 @@ __all__ = [
     "GloRoImageProcessor",
     "GloRoPreTrainedModel",
     "InconsistentCheckpointError",
+    "CertificationRefusedError",
+    "ReducedPrecisionError",
     "gloro_image_processor",
 ]

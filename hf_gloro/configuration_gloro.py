@@ -1,6 +1,9 @@
 """``GloRoConfig``: the configuration of a GloRo image classifier over a timm-registered Lipschitz backbone."""
 
 # No `from __future__ import annotations` here: huggingface_hub's strict dataclasses skip string annotations.
+import contextvars
+import difflib
+import logging
 import math
 from typing import Any, Literal
 
@@ -9,6 +12,28 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .models import LIPSCHITZ_BACKBONES
+
+logger = logging.getLogger(__name__)
+
+#: Keyword arguments ``PreTrainedConfig`` consumes itself, or that its own ``to_dict`` writes.
+_BASE_KWARGS = frozenset({
+    "num_labels", "torch_dtype", "name_or_path", "_name_or_path", "model_type", "output_attentions",
+    "attn_implementation", "experts_implementation", "per_layer_config", "_commit_hash", "auto_map",
+    "custom_pipelines", "_attn_implementation_internal", "_experts_implementation_internal", "rope_scaling",
+    "rope_theta", "use_return_dict",
+})
+
+#: True while a config is being read from a file (``from_dict``): unknown keys then warn instead of raising.
+_LOADING = contextvars.ContextVar("gloro_config_loading", default=False)
+
+
+def _generation_keys() -> frozenset[str]:
+    try:
+        from transformers import GenerationConfig
+
+        return frozenset(GenerationConfig._get_default_generation_params())
+    except Exception:  # pragma: no cover - depends on the transformers version
+        return frozenset()
 
 
 @strict
@@ -36,6 +61,12 @@ class GloRoConfig(PreTrainedConfig):
         image_mean, image_std (`list[float]`, *optional*): per-channel normalisation applied *inside*
             the model (``(x − μ)/σ``, folded into the bound as ``1/min σ``). Default: the backbone's
             ``pretrained_cfg`` values.
+        check_input_range (`bool`, defaults to `True`): certificates (eval-mode forward, ``certify``, pipelines,
+            CLI) refuse pixel values outside [0, 1] — ε is in that scale, and a 0–255 image certified at a
+            "radius" of 38 is meaningless. Set to ``False`` only for a model trained on another input domain.
+
+    Unknown keyword arguments are an error (``epsilonn=0.5`` would otherwise be stored and ignored); unknown keys
+    in a loaded ``config.json`` are kept with a warning.
     Example:
 
     ```python
@@ -58,8 +89,34 @@ class GloRoConfig(PreTrainedConfig):
     power_iterations: int = 10
     image_mean: list[float | int] | None = None
     image_std: list[float | int] | None = None
+    check_input_range: bool = True
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        token = _LOADING.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _LOADING.reset(token)
+
+    def _reject_unknown(self, kwargs: dict) -> None:
+        import dataclasses
+
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(k for k in kwargs if k not in _BASE_KWARGS and k not in _generation_keys())
+        if not unknown:
+            return
+        if _LOADING.get():
+            logger.warning("GloRoConfig: unknown keys in the loaded configuration are kept but not used: %s",
+                           ", ".join(unknown))
+            return
+        name = unknown[0]
+        close = difflib.get_close_matches(name, sorted(fields | {"num_labels"}), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"GloRoConfig got an unexpected keyword argument {name!r}{hint}")
 
     def __post_init__(self, **kwargs):
+        self._reject_unknown(kwargs)
         if getattr(self, "id2label", None) is None and "num_labels" not in kwargs:
             # Without labels, default to the backbone's dataset (10 MNIST/CIFAR classes, 200 Tiny-ImageNet).
             kwargs["num_labels"] = _backbone_num_classes(self.backbone)

@@ -2,34 +2,62 @@
 
 Data flow: pixels in [0, 1] → input normalisation → Lipschitz backbone (timm) → GloRo head → logits →
 GloRo logits ``[y, y_⊥]`` → certificate. Certificates always use the guaranteed bound
-(:meth:`GloRoForImageClassification.lipschitz_constant`); the power-iteration estimate only shapes training.
+(:meth:`GloRoForImageClassification.lipschitz_constant`) and a rigorous bound on the floating-point error of the
+forward pass (:mod:`hf_gloro.lipschitz.certificate`); the power-iteration estimate only shapes training.
+
+One certification path: eval-mode :meth:`~GloRoForImageClassification.forward`,
+:meth:`~GloRoForImageClassification.certify`, the pipelines, the CLI and the Trainer's metrics all go through
+:meth:`GloRoForImageClassification._certify_batch` → :func:`hf_gloro.lipschitz.certify_inputs`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_gloro import GloRoConfig
 from .lipschitz import (
+    CertificationResult,
+    ChainConstants,
     GloRoHead,
     InputNormalization,
-    certify_logits,
+    certification_numerics,
+    certify_inputs,
+    chain_leaves,
     converge_power_iterates,
-    exact_matmul,
     gloro_logits,
+    product_upper_bound,
 )
-from .lipschitz.numerics import weights_fingerprint
+from .lipschitz.bounded import check_bounded_forward
+from .lipschitz.numerics import CERTIFIED_DTYPES, autocast_active
+
+#: Pixel values may exceed [0, 1] by this much before certification refuses them (float rounding of rescaling).
+PIXEL_RANGE_TOLERANCE = 1e-6
 
 
 class InconsistentCheckpointError(ValueError):
-    """A checkpoint whose recorded Lipschitz bound is below the bound recomputed from its weights."""
+    """A checkpoint whose recorded Lipschitz bound is below the bound recomputed from its weights, or whose
+    tensors do not match the model (missing or unexpected weights)."""
+
+
+class ReducedPrecisionError(RuntimeError):
+    """A certificate was requested for a forward pass in reduced precision (autocast, fp16/bf16 weights or inputs).
+
+    The floating-point error bound is derived for float32/float64 execution only. Certify outside autocast
+    (``with torch.autocast(device_type, enabled=False): model.certify(x)``) on a float32 model.
+    """
+
+
+class CertificationRefusedError(RuntimeError):
+    """The model cannot be certified as it stands (forward hooks registered, an unknown module in the chain...)."""
 
 
 @dataclass
@@ -41,7 +69,13 @@ class GloRoImageClassifierOutput(ModelOutput):
         logits: ``(B, m)`` class logits (what standard tools and pipelines read).
         gloro_logits: ``(B, m + 1)``: the class logits followed by the bottom logit ``y_⊥``.
         certified: ``(B,)`` bool, eval mode only: the prediction is certified at ε.
-        certified_radius: ``(B,)`` float64, eval mode only: ``min_{i≠j}(y_j − y_i)/K_ji``.
+        certified_radius: ``(B,)`` float64, eval mode only: the radius the float-sound test proves
+            (``min_{i≠j}(m_ji − E_ji − A_ji)/(K_ji + B_ji)``, see :mod:`hf_gloro.lipschitz.certificate`).
+        margin_constants: ``(m, m)`` margin Lipschitz constants ``K_ji`` used for the bottom logit: the
+            differentiable power-iteration estimate in training mode, the guaranteed constants in eval mode.
+
+    In eval mode under ``torch.autocast`` or with fp16/bf16 weights no certificate is issued: ``certified`` and
+    ``certified_radius`` are ``None`` and ``logits`` are the reduced-precision ones.
     """
 
     loss: torch.FloatTensor | None = None
@@ -49,6 +83,7 @@ class GloRoImageClassifierOutput(ModelOutput):
     gloro_logits: torch.FloatTensor | None = None
     certified: torch.BoolTensor | None = None
     certified_radius: torch.DoubleTensor | None = None
+    margin_constants: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -56,7 +91,9 @@ class GloRoCertificate:
     """Per-row result of :meth:`GloRoForImageClassification.certify`.
 
     ``certified[b]`` means: every input within L2 distance ``epsilon`` of image ``b`` (pixel scale) gets
-    the prediction ``predictions[b]``; ``radius[b]`` is the largest radius this certificate proves.
+    the prediction ``predictions[b]`` from this package (eval-mode forward, ``certify``, pipelines, CLI), as
+    executed in floating point; ``radius[b]`` is the largest radius this certificate proves. ``logits`` are
+    the logits of that prediction; ``float64_rows`` marks the rows that needed a float64 re-evaluation.
     """
 
     predictions: torch.LongTensor
@@ -64,6 +101,8 @@ class GloRoCertificate:
     radius: torch.DoubleTensor
     epsilon: float
     lipschitz_constant: float
+    logits: torch.FloatTensor | None = None
+    float64_rows: torch.BoolTensor | None = None
 
     @property
     def certified_fraction(self) -> float:
@@ -120,30 +159,59 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         self.post_init()
 
     # --- bounds -------------------------------------------------------------------------------------
+    def certification_chain(self) -> list[nn.Module]:
+        """The layers pixels → features pass through, in order: input normalisation, then the backbone's chain.
+
+        Raises :class:`~hf_gloro.lipschitz.UnknownLipschitzError` for any module that is not a bounded layer
+        running its bounded forward, and if the backbone's own forward is not ``features`` followed by an
+        identity head (a backbone with an overridden forward is refused, not trusted).
+        """
+        backbone = self.backbone
+        chain = getattr(backbone, "bounded_chain", None)
+        if chain is None:
+            from .lipschitz import UnknownLipschitzError
+
+            raise UnknownLipschitzError(
+                f"backbone {type(backbone).__qualname__} does not expose bounded_chain(); it cannot be certified")
+        return chain_leaves([self.normalization, *chain()])
+
+    def _check_certifiable(self) -> None:
+        """Refuse while forward hooks could change the function the bound describes."""
+        globals_ = torch.nn.modules.module
+        if any(getattr(globals_, name, None) for name in (
+                "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs")):
+            raise CertificationRefusedError("global nn.Module forward hooks are registered; they may change what "
+                                            "the network computes, so no certificate can be issued")
+        for name, module in self.named_modules():
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise CertificationRefusedError(
+                    f"module {name or type(self).__name__!r} ({type(module).__name__}) has forward hooks; they may "
+                    "change what it computes, so no certificate can be issued (remove the hooks first)")
+        check_bounded_forward(self.head)
+
+    def _certification_constants(self) -> ChainConstants:
+        """Bounds, rounding models and margin constants, cached under a key that covers every tensor (content
+        hash) and every setting of every layer in the chain and the head; recomputed only where changed."""
+        leaves = self.certification_chain()
+        key = (tuple(leaf.bound_key() for leaf in leaves), self.head.bound_key())
+        cache = self.__dict__.get("_cache_certification")
+        if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1].leaves, leaves)):
+            return cache[1]
+        with certification_numerics():
+            lipschitz = [leaf.lipschitz_upper_bound() for leaf in leaves]
+            rounding = [leaf.rounding_model() for leaf in leaves]
+            bound = product_upper_bound(lipschitz)
+            constants = ChainConstants(leaves, lipschitz, rounding, bound,
+                                       self.head.margin_constants_upper_bound(bound), self.head.head_constants())
+        self.__dict__["_cache_certification"] = (key, constants)
+        return constants
+
     def lipschitz_constant(self) -> float:
         """Guaranteed upper bound on the L2 Lipschitz constant of pixels → features (float64, cached).
 
-        ``= Lip(normalisation) · Lip(backbone)``, each factor a guaranteed bound with rounding slack.
+        The product of every layer's guaranteed bound along :meth:`certification_chain` (normalisation included).
         """
-        return self._certification_constants()[0]
-
-    def _certification_constants(self) -> tuple[float, torch.Tensor]:
-        """``(k, K)``: the guaranteed feature bound and margin constants, cached until any weight changes.
-
-        One fingerprint over every parameter and buffer decides; the per-layer caches underneath then
-        recompute only the layers that changed.
-        """
-        # Power iterates never enter the guaranteed bound; every other tensor may.
-        tensors = [b for name, b in self.named_buffers() if not name.endswith("power_iterate")]
-        key = weights_fingerprint(*self.parameters(), *tensors)
-        cache = self.__dict__.get("_certification_cache")
-        if cache is None or cache[0] != key:
-            with exact_matmul():
-                bound = self.normalization.lipschitz_upper_bound() * self.backbone.lipschitz_upper_bound()
-                bound *= 1 + 1e-15  # the product's own rounding
-                cache = (key, bound, self.head.margin_constants_upper_bound(bound))
-            self.__dict__["_certification_cache"] = cache
-        return cache[1], cache[2]
+        return self._certification_constants().sub_lipschitz
 
     def lipschitz_estimate(self, iterations: int | None = None, update: bool = True) -> torch.Tensor:
         """Differentiable power-iteration estimate of the same constant (training only)."""
@@ -163,7 +231,7 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
 
     def margin_lipschitz_constants(self) -> torch.Tensor:
         """Guaranteed ``K_ji = k‖ŵ_j − ŵ_i‖`` (float64, ``m × m``)."""
-        return self._certification_constants()[1]
+        return self._certification_constants().margin_constants
 
     # --- checks -------------------------------------------------------------------------------------
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -187,6 +255,30 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         if not torch.isfinite(pixel_values.sum()) and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or inf")
 
+    def _check_certified_domain(self, pixel_values: torch.Tensor) -> None:
+        """Certificates are about images in [0, 1] (ε is in that scale): refuse anything else, unless the config
+        opts out (``check_input_range=False``, for models trained on another input domain)."""
+        if not self.config.check_input_range or not len(pixel_values):
+            return
+        low, high = float(pixel_values.min()), float(pixel_values.max())
+        if low < -PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+            cause = " (0–255 images? divide by 255 or use the image processor)" if high > 1.5 else ""
+            raise ValueError(
+                f"pixel_values must lie in [0, 1] to be certified, got values in [{low:.4g}, {high:.4g}]{cause}; "
+                "set config.check_input_range=False only for a model trained on another input domain"
+            )
+
+    def _reduced_precision(self, pixel_values: torch.Tensor) -> str | None:
+        """Why a certificate cannot be issued in the current numeric context, or ``None``."""
+        if autocast_active(pixel_values.device.type):
+            return f"torch.autocast is enabled for {pixel_values.device.type}"
+        dtypes = {p.dtype for p in self.parameters()}
+        if not dtypes <= set(CERTIFIED_DTYPES):
+            return f"the model's weights are {sorted(map(str, dtypes))}"
+        if pixel_values.dtype not in CERTIFIED_DTYPES:
+            return f"pixel_values are {pixel_values.dtype}"
+        return None
+
     @staticmethod
     def _check_epsilon(epsilon: float) -> float:
         epsilon = float(epsilon)
@@ -195,6 +287,17 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         return epsilon
 
     # --- forward ------------------------------------------------------------------------------------
+    def _certify_batch(self, pixel_values: torch.Tensor, epsilon: float | torch.Tensor
+                       ) -> tuple[CertificationResult, ChainConstants]:
+        """The one certification path (eval-mode forward and :meth:`certify`): checks, then
+        :func:`~hf_gloro.lipschitz.certify_inputs` under :func:`~hf_gloro.lipschitz.certification_numerics`."""
+        self._check_certified_domain(pixel_values)
+        self._check_certifiable()
+        with certification_numerics():
+            constants = self._certification_constants()
+            result = certify_inputs(constants, self.head, pixel_values, epsilon)
+        return result, constants
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -206,7 +309,9 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         """Logits, GloRo logits and (eval mode) certificates.
 
         In training mode the margin constants come from the differentiable power-iteration estimate
-        (``config.power_iterations`` warm-started steps per call); in eval mode from the guaranteed bound.
+        (``config.power_iterations`` warm-started steps per call) and inputs may leave [0, 1] (augmentation). In
+        eval mode the logits are the package's *decided* predictions and come with float-sound certificates
+        (exactly what :meth:`certify` returns; gradients still flow to the logits), from the guaranteed bound.
 
         Args:
             pixel_values: ``(B, C, H, W)`` float images in [0, 1].
@@ -219,16 +324,21 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
             epsilon = self.config.epsilon
         elif not torch.is_tensor(epsilon):
             epsilon = self._check_epsilon(epsilon)
-        logits = self.head(self.backbone(self.normalization(pixel_values)))
 
         certified = radius = None
         if self.training:
+            logits = self.head(self.backbone(self.normalization(pixel_values)))
             constants = self.head.margin_constants_estimate(self.lipschitz_estimate())
         else:
-            constants = self.margin_lipschitz_constants()
-            if not torch.is_tensor(epsilon) or epsilon.ndim == 0:
-                _, certified, radius = certify_logits(logits, constants, float(epsilon))
-                certified, radius = certified.to(logits.device), radius.to(logits.device)
+            reason = self._reduced_precision(pixel_values)
+            if reason is None:
+                result, chain = self._certify_batch(pixel_values, epsilon)
+                logits, certified, radius = result.logits, result.certified, result.radius
+                constants = chain.margin_constants
+            else:
+                _warn_no_certificate(reason)
+                logits = self.head(self.backbone(self.normalization(pixel_values)))
+                constants = self.margin_lipschitz_constants()
             constants = constants.to(device=logits.device, dtype=logits.dtype)
         all_logits = gloro_logits(logits, constants, epsilon)
 
@@ -242,23 +352,29 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
                 raise ValueError(f"labels must lie in [0, {logits.shape[-1]}), got {labels.min()}..{labels.max()}")
             loss = F.cross_entropy(all_logits, labels.long())
         return GloRoImageClassifierOutput(
-            loss=loss, logits=logits, gloro_logits=all_logits, certified=certified, certified_radius=radius
+            loss=loss, logits=logits, gloro_logits=all_logits, certified=certified, certified_radius=radius,
+            margin_constants=constants,
         )
 
     @torch.no_grad()
     def certify(self, pixel_values: torch.Tensor, epsilon: float | None = None) -> GloRoCertificate:
-        """Predictions, certificates and certified radii for a batch, from the guaranteed bound only.
+        """Predictions, certificates and certified radii for a batch: float-sound, from the guaranteed bound.
 
-        Works in train or eval mode without changing either (the backbone has no mode-dependent layers,
-        and no power iteration runs). TF32 is disabled while the logits are computed.
+        Works in train or eval mode without changing either (the backbone has no mode-dependent layers, and no
+        power iteration runs). Raises :class:`ReducedPrecisionError` under ``torch.autocast`` or for fp16/bf16
+        weights or inputs, ``ValueError`` for pixel values outside [0, 1] (see ``config.check_input_range``) and
+        :class:`CertificationRefusedError` while forward hooks are registered.
         """
         epsilon = self._check_epsilon(self.config.epsilon if epsilon is None else epsilon)
         self._check_pixel_values(pixel_values)
-        with exact_matmul():
-            logits = self.head(self.backbone(self.normalization(pixel_values)))
-        bound, constants = self._certification_constants()
-        predictions, certified, radius = certify_logits(logits, constants, epsilon)
-        return GloRoCertificate(predictions, certified, radius, epsilon, bound)
+        reason = self._reduced_precision(pixel_values)
+        if reason is not None:
+            raise ReducedPrecisionError(
+                f"cannot certify: {reason}. Certificates bound float32/float64 rounding only; call certify() "
+                "outside autocast (torch.autocast(device_type, enabled=False)) on a float32 model (model.float())")
+        result, constants = self._certify_batch(pixel_values, epsilon)
+        return GloRoCertificate(result.predictions, result.certified, result.radius, epsilon,
+                                constants.sub_lipschitz, result.logits, result.float64_rows)
 
     # --- persistence --------------------------------------------------------------------------------
     def verify_recorded_bound(self, rtol: float = 1e-6) -> float:
@@ -279,10 +395,21 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        loaded = model[0] if isinstance(model, tuple) else model
-        loaded.verify_recorded_bound()
-        return model
+        """``PreTrainedModel.from_pretrained``, made strict: a checkpoint with missing, unexpected or
+        mismatched tensors raises :class:`InconsistentCheckpointError` (instead of loading uninitialised memory
+        with a warning), and the recorded bound is checked against the bound recomputed from the weights."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in
+                    ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the checkpoint")
+            details = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:8])}"
+                                f"{' …' if len(keys) > 8 else ''}" for kind, keys in problems.items())
+            raise InconsistentCheckpointError(f"{where}: the weights do not match the model ({details})")
+        model.verify_recorded_bound()
+        return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (iterates included) and a config recording the current guaranteed bound.
@@ -304,3 +431,14 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
 
             write_remote_code(save_directory)
         return result
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_no_certificate(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"GloRo: no certificate issued in eval mode because {reason} (certificates need float32/"
+                      "float64 execution outside autocast); `certified` and `certified_radius` are None",
+                      stacklevel=3)

@@ -4,26 +4,37 @@ Torch only; nothing here imports ``transformers``.
 """
 
 from .activations import Flatten, MinMax, ReLU, create_activation
-from .bounded import ConstantLipschitz, LipschitzBounded
+from .bounded import (
+    ConstantLipschitz,
+    LipschitzBounded,
+    RoundingModel,
+    UnknownLipschitzError,
+    check_bounded_forward,
+    settings_signature,
+)
+from .certificate import CertificationResult, ChainConstants, certify_inputs
 from .composition import (
     LipschitzSequential,
-    UnknownLipschitzError,
+    chain_leaves,
     converge_power_iterates,
     lipschitz_estimate,
     lipschitz_upper_bound,
+    product_upper_bound,
 )
 from .conv import LipschitzConv2d
 from .head import GloRoHead
 from .linear import LipschitzLinear
 from .margins import bottom_logit, certify_logits, gloro_logits, pairwise_row_distances
 from .normalization import InputNormalization
-from .numerics import BOUND_RELATIVE_SLACK, exact_matmul
+from .numerics import BOUND_RELATIVE_SLACK, certification_numerics, content_digest, exact_matmul
 from .pooling import LipschitzAvgPool2d
 from .residual import LinearResidualConv2d, liresnet_residual_scale
 from .spectral_bounds import conv2d_spectral_norm_bound, dense_spectral_norm_bound
 
 __all__ = [
     "BOUND_RELATIVE_SLACK",
+    "CertificationResult",
+    "ChainConstants",
     "ConstantLipschitz",
     "Flatten",
     "GloRoHead",
@@ -36,8 +47,14 @@ __all__ = [
     "LipschitzSequential",
     "MinMax",
     "ReLU",
+    "RoundingModel",
     "UnknownLipschitzError",
     "bottom_logit",
+    "certification_numerics",
+    "certify_inputs",
+    "chain_leaves",
+    "check_bounded_forward",
+    "content_digest",
     "certify_logits",
     "conv2d_spectral_norm_bound",
     "converge_power_iterates",
@@ -49,4 +66,6 @@ __all__ = [
     "lipschitz_estimate",
     "lipschitz_upper_bound",
     "pairwise_row_distances",
+    "product_upper_bound",
+    "settings_signature",
 ]

@@ -16,6 +16,7 @@ class MinMax(ConstantLipschitz, nn.Module):
     """
 
     lipschitz_constant = 1.0
+    exact_in_floating_point = True  # max/min/cat copy values; the norm is preserved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
@@ -24,17 +25,23 @@ class MinMax(ConstantLipschitz, nn.Module):
         a, b = x[:, : channels // 2], x[:, channels // 2 :]
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
+    _bounded_forward = forward
+
 
 class ReLU(ConstantLipschitz, nn.ReLU):
     """``nn.ReLU`` with its Lipschitz constant 1 declared."""
 
     lipschitz_constant = 1.0
+    exact_in_floating_point = True  # max(x, 0) is exact and never increases the norm
+    _bounded_forward = nn.ReLU.forward
 
 
 class Flatten(ConstantLipschitz, nn.Flatten):
     """``nn.Flatten``: a reshape, an isometry."""
 
     lipschitz_constant = 1.0
+    exact_in_floating_point = True
+    _bounded_forward = nn.Flatten.forward
 
 
 def create_activation(name: str) -> nn.Module:

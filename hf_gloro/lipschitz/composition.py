@@ -1,64 +1,74 @@
 """Composition of Lipschitz bounds: a chain's constant is the product of its members' constants.
 
-A module whose constant is unknown is an error, never silently 1 (the reference code's fallback made
-arbitrary graphs with skips, BatchNorm or Dropout unsound).
+Only this package's own container, :class:`LipschitzSequential`, is bounded as a chain, and only while it runs
+``nn.Sequential.forward``. Any other module, including an ``nn.Sequential`` (or a subclass with its own
+``forward``, e.g. ``return x + super().forward(x)``), is an :class:`UnknownLipschitzError`, never silently 1
+(the reference code's fallback made arbitrary graphs with skips, BatchNorm or Dropout unsound).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .bounded import LipschitzBounded
-
-
-class UnknownLipschitzError(TypeError):
-    """Raised for a module whose Lipschitz constant this package cannot bound."""
+from .bounded import LipschitzBounded, UnknownLipschitzError, check_bounded_forward
 
 
 def _unknown(module: nn.Module) -> UnknownLipschitzError:
+    kind = type(module).__qualname__
+    hint = (" (an nn.Sequential is not trusted to be a chain: its forward may be overridden; "
+            "use hf_gloro.lipschitz.LipschitzSequential)") if isinstance(module, nn.Sequential) else ""
     return UnknownLipschitzError(
-        f"cannot bound the Lipschitz constant of {type(module).__name__}; use the layers in "
-        "hf_gloro.lipschitz (LipschitzLinear, LipschitzConv2d, LinearResidualConv2d, MinMax, ...) "
-        "or implement lipschitz_estimate/lipschitz_upper_bound"
+        f"cannot bound the Lipschitz constant of {kind}{hint}; use the layers in hf_gloro.lipschitz "
+        "(LipschitzLinear, LipschitzConv2d, LinearResidualConv2d, MinMax, ...) or implement the "
+        "LipschitzBounded protocol (_compute_upper_bound, _compute_rounding_model, _bounded_forward)"
     )
 
 
-def _chain_estimate(children, iterations: int, update: bool) -> torch.Tensor:
-    result = torch.ones(())
-    for child in children:
-        result = result * lipschitz_estimate(child, iterations, update)
-    return result
+def _bounded(module: nn.Module) -> LipschitzBounded:
+    if not isinstance(module, LipschitzBounded):
+        raise _unknown(module)
+    check_bounded_forward(module)
+    return module
 
 
-def _chain_upper_bound(children) -> float:
-    bound, count = 1.0, 0
-    for child in children:
-        bound *= lipschitz_upper_bound(child)
+def chain_leaves(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The layers a chain executes, in order, with nested :class:`LipschitzSequential` expanded.
+
+    Raises :class:`UnknownLipschitzError` for any member that is not a bounded layer running its bounded forward.
+    """
+    leaves: list[nn.Module] = []
+    for module in modules:
+        _bounded(module)
+        if isinstance(module, LipschitzSequential):
+            leaves.extend(chain_leaves(module))
+        else:
+            leaves.append(module)
+    return leaves
+
+
+def product_upper_bound(bounds: Iterable[float]) -> float:
+    """``Π bounds`` rounded up: the float64 product rounds once per factor, covered with a wide margin."""
+    result, count = 1.0, 0
+    for bound in bounds:
+        if not math.isfinite(bound) or bound < 0:
+            raise ValueError(f"invalid Lipschitz bound {bound}")
+        result *= bound
         count += 1
-    # The float64 product itself rounds: one ulp per factor, covered with a wide margin.
-    return bound * (1.0 + 4 * count * 2.0**-53)
+    return result * (1.0 + 4 * count * 2.0**-53)
 
 
 def lipschitz_estimate(module: nn.Module, iterations: int = 1, update: bool = True) -> torch.Tensor:
     """Differentiable power-iteration estimate of ``module``'s Lipschitz constant (training only)."""
-    if isinstance(module, LipschitzBounded):
-        return module.lipschitz_estimate(iterations, update)
-    if isinstance(module, nn.Sequential):
-        return _chain_estimate(module, iterations, update)
-    raise _unknown(module)
+    return _bounded(module).lipschitz_estimate(iterations, update)
 
 
 def lipschitz_upper_bound(module: nn.Module) -> float:
     """Guaranteed upper bound on ``module``'s L2 Lipschitz constant (product over a chain)."""
-    if isinstance(module, LipschitzBounded):
-        bound = module.lipschitz_upper_bound()
-    elif isinstance(module, nn.Sequential):
-        bound = _chain_upper_bound(module)
-    else:
-        raise _unknown(module)
+    bound = _bounded(module).lipschitz_upper_bound()
     if not math.isfinite(bound) or bound < 0:
         raise ValueError(f"invalid Lipschitz bound {bound} for {type(module).__name__}")
     return bound
@@ -67,12 +77,21 @@ def lipschitz_upper_bound(module: nn.Module) -> float:
 class LipschitzSequential(LipschitzBounded, nn.Sequential):
     """``nn.Sequential`` whose bound is the product of its members' bounds (every member must be bounded)."""
 
+    _bounded_forward = nn.Sequential.forward
+
     def _estimate(self, iterations: int, update: bool) -> torch.Tensor:
-        return _chain_estimate(self, iterations, update)
+        result = torch.ones(())
+        for child in self:
+            result = result * lipschitz_estimate(child, iterations, update)
+        return result
 
     def lipschitz_upper_bound(self) -> float:
         # Members cache their own bounds; the product is cheap and always current.
-        return _chain_upper_bound(self)
+        check_bounded_forward(self)
+        return product_upper_bound(lipschitz_upper_bound(leaf) for leaf in chain_leaves(self))
+
+    def rounding_model(self):
+        raise UnknownLipschitzError("a LipschitzSequential has no single rounding model; use chain_leaves()")
 
 
 @torch.no_grad()

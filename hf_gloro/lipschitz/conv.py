@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bounded import LipschitzBounded, orthogonal_init_, reset_unit_iterate
+from .bounded import LipschitzBounded, RoundingModel, orthogonal_init_, reset_unit_iterate
+from .float_error import absolute_conv_norm_bound
 from .power_iteration import conv2d_operator, spectral_norm_estimate
 from .spectral_bounds import _pair, conv2d_spectral_norm_bound
 
@@ -20,9 +21,22 @@ class _ConvGeometry:
     dilation: tuple[int, int]
     groups: int
     power_iterate: torch.Tensor
+    bias: torch.Tensor | None
 
     def effective_kernel(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def _compute_rounding_model(self) -> RoundingModel:
+        kernel = self.effective_kernel().detach()
+        bias = 0.0 if self.bias is None else float(self.bias.detach().to(torch.float64).norm())
+        return RoundingModel(fan_in=kernel[0].numel(), abs_norm=absolute_conv_norm_bound(kernel, self.groups),
+                             bias_norm=bias * (1 + 1e-12))
+
+    def _check_input_size(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"{type(self).__name__} was bounded for inputs of size {self.input_size}, got {tuple(x.shape[-2:])}"
+            )
 
     def _estimate(self, iterations: int, update: bool) -> torch.Tensor:
         forward, adjoint = conv2d_operator(
@@ -88,14 +102,16 @@ class LipschitzConv2d(_ConvGeometry, LipschitzBounded, nn.Conv2d):
         return self.weight
 
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
-        return (self.weight,)
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.input_size:
-            raise ValueError(
-                f"LipschitzConv2d was bounded for inputs of size {self.input_size}, got {tuple(x.shape[-2:])}"
-            )
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        # Parameters follow the input's dtype, so a float64 input is evaluated in float64 with exactly the
+        # float32 values the bound was computed from (the certificate's re-evaluation path).
+        self._check_input_size(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)
+
+    _bounded_forward = forward
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_size={self.input_size}"

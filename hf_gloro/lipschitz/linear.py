@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .bounded import LipschitzBounded, orthogonal_init_, reset_unit_iterate
+from .bounded import LipschitzBounded, RoundingModel, orthogonal_init_, reset_unit_iterate
+from .float_error import absolute_dense_norm_bound
 from .power_iteration import dense_operator, spectral_norm_estimate
 from .spectral_bounds import dense_spectral_norm_bound
 
@@ -35,5 +37,16 @@ class LipschitzLinear(LipschitzBounded, nn.Linear):
     def _compute_upper_bound(self) -> float:
         return dense_spectral_norm_bound(self.weight)
 
+    def _compute_rounding_model(self) -> RoundingModel:
+        bias = 0.0 if self.bias is None else float(self.bias.detach().to(torch.float64).norm())
+        return RoundingModel(fan_in=self.in_features, abs_norm=absolute_dense_norm_bound(self.weight),
+                             bias_norm=bias * (1 + 1e-12))
+
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
-        return (self.weight,)
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Parameters follow the input's dtype (float64 re-evaluation with the same float32 values).
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    _bounded_forward = forward

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .bounded import LipschitzBounded
+from .bounded import LipschitzBounded, RoundingModel
 
 
 class InputNormalization(LipschitzBounded, nn.Module):
@@ -37,7 +37,9 @@ class InputNormalization(LipschitzBounded, nn.Module):
             self.std.copy_(torch.tensor(self._values[1]).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    _bounded_forward = forward
 
     def _estimate(self, iterations: int, update: bool) -> torch.Tensor:
         return 1.0 / self.std.abs().min()
@@ -49,5 +51,13 @@ class InputNormalization(LipschitzBounded, nn.Module):
         # 1/σ rounded up: the float64 reciprocal is within one ulp.
         return (1.0 / float(std.min())) * (1.0 + 1e-15)
 
+    def _compute_rounding_model(self) -> RoundingModel:
+        # fl(fl(x − μ)/σ) = ((x − μ)(1 + δ₁)/σ)(1 + δ₂): error ≤ γ₂·|x − μ|/σ ≤ γ₂(|x|/σ + |μ|/σ) per element,
+        # i.e. one "product" per output (n = 1) with |A| = A = diag(1/σ) and the bias −μ/σ.
+        mean = self.mean.detach().to(torch.float64).reshape(-1)
+        std = self.std.detach().to(torch.float64).reshape(-1)
+        return RoundingModel(fan_in=1, abs_norm=self._compute_upper_bound(),
+                             bias_norm=float((mean / std).norm()) * (1 + 1e-12))
+
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
-        return (self.std,)
+        return (self.mean, self.std)

@@ -1,16 +1,20 @@
-"""Floating-point conventions shared by every guaranteed bound.
+"""Floating-point conventions shared by every guaranteed bound and every certificate.
 
 Guaranteed bounds are computed in float64 and then inflated by a relative slack that dominates the
 rounding error of the float64 computation itself (an eigenvalue solver is backward stable: the computed
 largest eigenvalue of a Hermitian ``H`` is exact for some ``H + E`` with ``|E| <= c·n·u·|H|``, u = 1.1e-16;
 an FFT of length N adds ``O(log N · u)`` relative error). For every size this package builds, those terms
 are below 1e-10, so the slack below is at least four orders of magnitude larger than what it must cover.
+
+The rounding of the *network's own* forward pass (float32 by default) is a different matter, handled by
+:mod:`hf_gloro.lipschitz.float_error` with the unit roundoffs defined here.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -19,6 +23,36 @@ BOUND_RELATIVE_SLACK: float = 1e-6
 
 #: Unit roundoff of float64.
 FLOAT64_UNIT_ROUNDOFF: float = 2.0**-53
+
+#: Unit roundoff ``u`` (half the machine epsilon) of each floating-point dtype: ``fl(a ∘ b) = (a ∘ b)(1 + δ)``,
+#: ``|δ| ≤ u`` for normal results.
+UNIT_ROUNDOFF: dict[torch.dtype, float] = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+#: Smallest positive *normal* number of each dtype. Results below it may be subnormal or flushed to zero
+#: (FTZ/DAZ): the absolute error of one such operation is below this value.
+SMALLEST_NORMAL: dict[torch.dtype, float] = {
+    torch.float64: 2.0**-1022,
+    torch.float32: 2.0**-126,
+    torch.float16: 2.0**-14,
+    torch.bfloat16: 2.0**-126,
+}
+
+#: The dtypes in which this package issues certificates.
+CERTIFIED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+
+
+def gamma(n: int | float, unit_roundoff: float) -> float:
+    """Higham's ``γ_n = n·u / (1 − n·u)``: a dot product of length ``n``, summed in *any* order (with or without
+    FMA), satisfies ``|fl(wᵀx) − wᵀx| ≤ γ_n·|w|ᵀ|x|`` (Higham, *Accuracy and Stability*, Lemma 3.1, §3.1)."""
+    nu = float(n) * unit_roundoff
+    if nu >= 0.5:
+        raise ValueError(f"n·u = {nu:.3g} is too large for a rounding-error bound (n = {n}, u = {unit_roundoff})")
+    return nu / (1.0 - nu)
 
 
 #: Bounds are rounded *up* to this many significant digits, so that the same weights give the same bound
@@ -43,47 +77,106 @@ def inflate(value: float) -> float:
     return float(round_up(torch.tensor(float(value) * (1.0 + BOUND_RELATIVE_SLACK), dtype=torch.float64)))
 
 
-@contextlib.contextmanager
-def exact_matmul() -> Iterator[None]:
-    """Disable TF32 (CUDA) and reduced-precision reductions while a certificate is computed.
+# --- the numerics under which certified forward passes run ------------------------------------------------------
 
-    TF32 keeps only 10 mantissa bits, which would make a float32 forward pass and a float32 bound
-    disagree far beyond the documented slack.
+def _fp32_precision_leaves() -> list:
+    """The per-backend float32-precision switches (PyTorch ≥ 2.9 API): cuBLAS, cuDNN conv/RNN, oneDNN matmul/conv/RNN."""
+    backends = torch.backends
+    leaves = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn]
+    mkldnn = getattr(backends, "mkldnn", None)
+    for name in ("matmul", "conv", "rnn"):
+        leaf = getattr(mkldnn, name, None)
+        if leaf is not None:
+            leaves.append(leaf)
+    return [leaf for leaf in leaves if hasattr(leaf, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def certification_numerics() -> Iterator[None]:
+    """IEEE float32 everywhere and only algorithms that obey the dot-product error model, while certifying.
+
+    * **TF32 / bf16 "fast math" off** for cuBLAS, cuDNN *and* oneDNN (matmuls and convolutions): TF32 keeps
+      10 mantissa bits (``u = 2⁻¹¹``), which the float32 error analysis does not assume. Set through the
+      per-backend ``fp32_precision = "ieee"`` switches only: mixing them with the legacy ``allow_tf32`` flags
+      makes PyTorch raise.
+    * **cuDNN off** (CUDA): cuDNN may pick Winograd or FFT convolutions, whose rounding errors are not bounded
+      by ``γ_n·|W|·|x|``. Without it, CUDA convolutions run as im2col + cuBLAS GEMM (plain dot products).
+      On the CPU, PyTorch asks oneDNN for *direct* convolutions (it never requests Winograd), which are dot
+      products as well.
+
+    Everything is restored on exit.
     """
-    cuda_matmul = torch.backends.cuda.matmul.allow_tf32
-    cudnn = torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    leaves = _fp32_precision_leaves()
+    saved = [leaf.fp32_precision for leaf in leaves]
+    cudnn_enabled = torch.backends.cudnn.enabled
     try:
+        for leaf in leaves:
+            leaf.fp32_precision = "ieee"
+        torch.backends.cudnn.enabled = False  # (cudnn.flags() would read the legacy TF32 flag and may raise)
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = cuda_matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.enabled = cudnn_enabled
+        for leaf, value in zip(leaves, saved):
+            leaf.fp32_precision = value
 
 
-def _bit_checksum(tensor: torch.Tensor) -> int:
-    """Sum of the tensor's bit patterns as integers, accumulated in int64.
+#: Former name of :func:`certification_numerics` (it only switched TF32 off).
+exact_matmul = certification_numerics
 
-    Changing any single element changes it; so does scaling a tensor by 2 (every exponent moves), which
-    an XOR hash can miss. One vectorised pass over the data.
+
+def autocast_active(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is enabled for ``device_type`` in the calling context."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (RuntimeError, TypeError):  # device types without autocast support
+        return False
+
+
+# --- content digests: what cached bounds are keyed on ----------------------------------------------------------
+
+_INTEGER_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _mix(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """A per-position pseudo-random int64 (splitmix64-style mixing; int64 arithmetic wraps around)."""
+    z = index * -7046029254386353131 + seed  # 0x9E3779B97F4A7C15 as a signed int64
+    z = (z ^ (z >> 30)) * -4658895280553007687
+    z = (z ^ (z >> 27)) * -7723592293110705685
+    return z ^ (z >> 31)
+
+
+def _device_digest(flat: torch.Tensor) -> bytes:
+    """Digest computed where the tensor lives (no copy to the host): two 64-bit position-weighted sums of the
+    element bit patterns with pseudo-random odd weights. Any permutation, sign flip, exponent shift or single
+    change alters it except with probability ~2⁻⁶⁴ per lane; it is an integrity check against accidents (a
+    write through ``.data``), not a cryptographic hash."""
+    bits = flat.view(_INTEGER_VIEW[flat.element_size()]).to(torch.int64)
+    index = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64)
+    lanes = torch.stack([(bits * (_mix(index, seed) | 1)).sum() for seed in (0x5EED, 0xC0FFEE)])
+    return lanes.cpu().numpy().tobytes()
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """A content hash of a tensor's values, dtype, shape and device type.
+
+    CPU tensors: BLAKE2b over the raw bytes (zero-copy). Other devices: :func:`_device_digest` on the device.
     """
-    flat = tensor.contiguous().flatten()
-    size = flat.element_size()
-    bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16}.get(size, torch.uint8))
-    return int(bits.sum(dtype=torch.int64))
+    t = tensor.detach()
+    header = f"{t.dtype}|{tuple(t.shape)}|{t.device.type}".encode()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return hashlib.blake2b(header, digest_size=16).digest()
+    digest = hashlib.blake2b(header, digest_size=16)
+    if flat.device.type == "cpu":
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    else:
+        digest.update(_device_digest(flat))
+    return digest.digest()
 
 
-def weights_fingerprint(*tensors: torch.Tensor) -> tuple:
-    """A cheap identity of tensors' current values, used to invalidate cached bounds.
-
-    Combines storage address, autograd version counter (bumped by every in-place update, including
-    optimizer steps and ``load_state_dict``) and a checksum of the bit patterns (which also catches writes
-    through ``.data`` that bypass the version counter). It guards against accidents, not against an
-    adversary who controls the process's memory.
-    """
-    return tuple(
-        (t.data_ptr(), t._version, tuple(t.shape), t.dtype, _bit_checksum(t.detach())) for t in tensors
-    )
+def content_digest(tensors: Iterable[torch.Tensor]) -> bytes:
+    """One digest over several tensors (order matters)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(tensor_digest(tensor))
+    return digest.digest()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bounded import LipschitzBounded
+from .bounded import LipschitzBounded, RoundingModel
 from .spectral_bounds import _pair, conv2d_spectral_norm_bound
 
 
@@ -29,7 +29,19 @@ class LipschitzAvgPool2d(LipschitzBounded, nn.AvgPool2d):
         return torch.tensor(self.lipschitz_upper_bound())
 
     def _compute_upper_bound(self) -> float:
+        # The bound is that of the plain average; the forward reads these settings too.
+        if _pair(self.padding) != (0, 0) or self.ceil_mode or self.divisor_override is not None:
+            raise ValueError("LipschitzAvgPool2d is bounded without padding, ceil_mode or divisor_override; got "
+                             f"padding={self.padding}, ceil_mode={self.ceil_mode}, "
+                             f"divisor_override={self.divisor_override}")
         return conv2d_spectral_norm_bound(self._kernel(), self.input_size, _pair(self.stride))
+
+    def _compute_rounding_model(self) -> RoundingModel:
+        # A sum of k² terms and one division: a dot product with the non-negative weights 1/k² (|A| = A).
+        kh, kw = _pair(self.kernel_size)
+        return RoundingModel(fan_in=kh * kw, abs_norm=self.lipschitz_upper_bound())
 
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         return ()
+
+    _bounded_forward = nn.AvgPool2d.forward

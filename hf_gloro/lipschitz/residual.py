@@ -75,10 +75,16 @@ class LinearResidualConv2d(_ConvGeometry, LipschitzBounded, nn.Module):
 
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         deps = (self.weight, self.gain, self.identity_kernel)
-        return deps
+        return deps if self.bias is None else (*deps, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.effective_kernel(), self.bias, padding=1)
+        # The kernel is formed in the parameters' dtype (the very values the bound is computed from), then
+        # follows the input's dtype for a float64 re-evaluation.
+        self._check_input_size(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.effective_kernel().to(x.dtype), bias, padding=1)
+
+    _bounded_forward = forward
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, input_size={self.input_size}, residual_scale={self.residual_scale:.4g}"

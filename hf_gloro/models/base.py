@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..lipschitz import GloRoHead, LipschitzSequential
+from ..lipschitz import GloRoHead, LipschitzSequential, UnknownLipschitzError
 
 
 #: Names of the timm models that follow the Lipschitz-backbone protocol (filled by the decorator below).
@@ -76,6 +76,24 @@ class LipschitzBackbone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # --- Lipschitz interface ------------------------------------------------------------------------
+    def bounded_chain(self) -> list[nn.Module]:
+        """The chain ``forward`` runs when used as a feature extractor (``num_classes=0``): ``[self.features]``.
+
+        Refused (:class:`~hf_gloro.lipschitz.UnknownLipschitzError`) if a subclass overrides ``forward``,
+        ``forward_features`` or ``forward_head``, or if the head is not the identity: the bound describes
+        ``features`` only.
+        """
+        cls = type(self)
+        for name in ("forward", "forward_features", "forward_head"):
+            if getattr(cls, name) is not getattr(LipschitzBackbone, name):
+                raise UnknownLipschitzError(
+                    f"{cls.__qualname__} overrides {name}(); its bound (that of `features`) may not describe what "
+                    "it computes")
+        if type(self.head) is not nn.Identity:
+            raise UnknownLipschitzError(f"{cls.__qualname__} has a classifier head ({type(self.head).__name__}); "
+                                        "certify a feature extractor (num_classes=0) followed by a GloRo head")
+        return [self.features]
+
     def lipschitz_estimate(self, iterations: int = 1, update: bool = True) -> torch.Tensor:
         """Power-iteration estimate of ``Lip(features)`` (differentiable; for training)."""
         return self.features.lipschitz_estimate(iterations, update)
