@@ -276,9 +276,11 @@ class GloRoTrainer(Trainer):
             return loss, None, None
         # (prediction, certified radius) per example, float64 (the radius needs it); argmax of float32 logits
         # equals the certificate's float64 argmax (the conversion is exact).
-        if outputs.certified_radius is None:
-            # Under autocast (bf16/fp16 evaluation) the forward gives no certificate: certify the same inputs
-            # in full precision. Only certify() escapes accelerate's autocast wrapper around forward().
+        if outputs.certified_radius is None or self.accelerator.mixed_precision in ("fp16", "bf16"):
+            # Under autocast (bf16/fp16 evaluation) the forward gives no certificate (or, from older models, one
+            # computed from reduced-precision logits; accelerate casts the outputs back to float32, so their dtype
+            # does not tell): certify the same inputs in full precision. Only certify() escapes accelerate's
+            # autocast wrapper around forward().
             certificate = certify_exactly(self._unwrapped(), inputs["pixel_values"])
             predictions, radius = certificate.predictions, certificate.radius
         else:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, EvalPrediction
 
 import hf_gloro
-from gloro_helpers import model_snapshot, tiny_arguments, tiny_trainer
-from hf_gloro.trainer import CertifiedMetricsCSVCallback, collate_pixels
+from gloro_helpers import model_snapshot, tiny_arguments, tiny_model, tiny_trainer
+from hf_gloro.trainer import CertifiedMetricsCSVCallback, GloRoTrainer, collate_pixels
 
 HELPERS = pathlib.Path(__file__).with_name("gloro_helpers.py")
 
@@ -32,6 +32,19 @@ def test_certified_metrics_hand_case(tmp_path):
     assert metrics["vra@0.4"] == 0.25  # row 0 only
     assert metrics["median_certified_radius"] == pytest.approx(0.225)  # median of [0.5, 0.1, 0, 0.35]
     assert metrics["epsilon"] == 0.3 and metrics["lipschitz_constant"] == 2.0
+    # The `evaluate` metric module gives the trainer's numbers on the same predictions.
+    import evaluate
+    from hf_gloro.metrics import CERTIFIED_ACCURACY
+
+    module = evaluate.load(CERTIFIED_ACCURACY)
+    for start in (0, 2):  # batches, as an evaluation loop would add them
+        module.add_batch(predictions=summary[start:start + 2, 0].astype(int), references=[0, 1, 1, 1][start:start + 2],
+                         certified_radii=summary[start:start + 2, 1])
+    from_module = module.compute(epsilon=0.3, extra_radii=[0.4])
+    assert from_module == {key: metrics[key] for key in from_module}
+    assert set(from_module) == {"clean_accuracy", "vra", "rejection_rate", "median_certified_radius", "vra@0.4"}
+    with pytest.raises(ValueError, match="epsilon"):
+        module.compute(predictions=[0], references=[0], certified_radii=[1.0])
 
 
 def test_schedules_drive_the_training_epsilon(tmp_path):
@@ -105,16 +118,30 @@ def test_training_run_metrics_checkpoints_and_saved_model(tmp_path):
         assert entry["eval_vra"] <= entry["eval_vra@0.1"]
         # The converged power-iteration estimate approaches the guaranteed bound from below.
         assert entry["eval_lipschitz_estimate"] <= entry["eval_lipschitz_constant"]
-    # Best checkpoint chosen on the validation VRA.
+    # Best checkpoint chosen on the validation VRA (the first of equal maxima), and load_best_model_at_end
+    # restored exactly its weights.
     best = max(evals, key=lambda e: e["eval_vra"])
     assert trainer.state.best_metric == best["eval_vra"]
-    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{evals.index(best) * 4 + 4}") or \
-        trainer.state.best_metric == max(e["eval_vra"] for e in evals)
+    best_step = best["step"]
+    assert os.path.basename(trainer.state.best_model_checkpoint) == f"checkpoint-{best_step}"
+    saved = load_file(str(pathlib.Path(trainer.state.best_model_checkpoint) / "model.safetensors"))
+    current = trainer.model.state_dict()
+    parameters = [name for name, _ in trainer.model.named_parameters()]
+    assert parameters and set(parameters) <= set(saved)
+    for name in parameters:
+        assert torch.equal(current[name], saved[name]), name
+    if best_step != 12:  # and not the last weights, when the best checkpoint is an earlier one
+        last = load_file(str(tmp_path / "run" / "checkpoint-12" / "model.safetensors"))
+        assert any(not torch.equal(current[name], last[name]) for name in parameters)
     rows = csv_path.read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("elapsed_s,epoch,step")
 
-    # Checkpoints hold the iterates, converged before saving, and a config with ε and the guaranteed bound.
+    # Checkpoints hold the iterates, converged before saving, a config with ε and the guaranteed bound, and the
+    # image processor (so every checkpoint works with pipeline(...)).
     checkpoint = tmp_path / "run" / "checkpoint-12"
+    processor = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    assert processor["image_processor_type"] == "GloRoImageProcessor" and processor["num_channels"] == 1
+    assert processor["size"] == {"height": 8, "width": 8} and processor["do_normalize"] is False
     weights = load_file(str(checkpoint / "model.safetensors"))
     assert any(name.endswith("power_iterate") for name in weights)
     config = json.loads((checkpoint / "config.json").read_text())
@@ -127,8 +154,9 @@ def test_training_run_metrics_checkpoints_and_saved_model(tmp_path):
         one_more = float(loaded.lipschitz_estimate(iterations=0, update=False))
     assert one_more == pytest.approx(converged, rel=1e-4)
 
-    # Final save: certifying ε (not the 1.5× training ε) and the bound of the final weights.
+    # Final save: certifying ε (not the 1.5× training ε) and the bound of the final weights; the processor too.
     trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "preprocessor_config.json").is_file()
     final = AutoModelForImageClassification.from_pretrained(str(tmp_path / "final"))
     assert final.config.epsilon == 0.3
     assert final.config.lipschitz_constant == pytest.approx(trainer.model.lipschitz_constant(), rel=1e-12)
@@ -220,3 +248,88 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     losses_a = [e["loss"] for e in a["log_history"] if "loss" in e and e["step"] > 4]
     losses_b = [e["loss"] for e in b["log_history"] if "loss" in e and e["step"] > 4]
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
+
+
+def test_collator_accepts_label_and_labels():
+    examples = [{"pixel_values": torch.zeros(1, 8, 8), "label": 3}, {"pixel_values": torch.ones(1, 8, 8), "label": 5}]
+    batch = collate_pixels(examples)
+    assert batch["labels"].tolist() == [3, 5] and batch["pixel_values"].shape == (2, 1, 8, 8)
+    renamed = [{"pixel_values": e["pixel_values"], "labels": e["label"]} for e in examples]
+    assert collate_pixels(renamed)["labels"].tolist() == [3, 5]
+    with pytest.raises(KeyError, match="'labels' or 'label'"):
+        collate_pixels([{"pixel_values": torch.zeros(1, 8, 8)}])
+
+
+def test_tutorial_style_script_with_a_label_column_trains(tmp_path):
+    """As in the transformers image-classification tutorial: an `image` + `label` dataset, the image processor
+    in a `with_transform`, no custom collator."""
+    from datasets import ClassLabel, Dataset, Features, Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [np.round(image * 255 / 16).astype(np.uint8) for image in digits.images[:128]]
+    dataset = Dataset.from_dict({"image": images, "label": digits.target[:128].tolist()},
+                                features=Features({"image": Image(), "label": ClassLabel(names=list("0123456789"))}))
+    model = tiny_model()
+    processor = hf_gloro.image_processing.image_processor_for_config(model.config)
+
+    def transforms(examples):
+        examples["pixel_values"] = [processor(image, return_tensors="pt")["pixel_values"][0]
+                                    for image in examples["image"]]
+        del examples["image"]
+        return examples
+
+    dataset = dataset.with_transform(transforms)
+    args = tiny_arguments(str(tmp_path), max_steps=2, eval_strategy="no", save_strategy="no",
+                          load_best_model_at_end=False, label_names=["label"])
+    trainer = GloRoTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
+    before = model.head.weight.detach().clone()
+    trainer.train()
+    assert trainer.state.global_step == 2 and not torch.equal(before, model.head.weight)
+    metrics = trainer.evaluate()
+    assert 0 <= metrics["eval_vra"] <= metrics["eval_clean_accuracy"] <= 1
+
+
+def test_bf16_evaluation_reports_the_full_precision_vra(tmp_path, monkeypatch):
+    """Certificates are never computed under autocast: a bf16 evaluation certifies in full precision and
+    reports exactly the fp32 evaluation's figures for the same weights."""
+    import hf_gloro.trainer as trainer_module
+
+    exact_calls = []
+    original = trainer_module.certify_exactly
+    monkeypatch.setattr(trainer_module, "certify_exactly",
+                        lambda *args, **kwargs: exact_calls.append(1) or original(*args, **kwargs))
+    fp32 = tiny_trainer(str(tmp_path / "fp32"), max_steps=4)
+    fp32.train()
+    weights = model_snapshot(fp32.model)
+    reference = fp32.evaluate()
+    assert not exact_calls  # fp32: the eval-mode forward's own certificate
+    model = tiny_model()
+    model.load_state_dict(weights)
+    bf16 = tiny_trainer(str(tmp_path / "bf16"), model=model, bf16=True)
+    assert bf16.accelerator.mixed_precision == "bf16"
+    metrics = bf16.evaluate()
+    assert exact_calls  # the forward ran under autocast: certified again in full precision
+    for key in ("eval_clean_accuracy", "eval_vra", "eval_rejection_rate", "eval_median_certified_radius",
+                "eval_lipschitz_constant"):
+        assert metrics[key] == reference[key], key
+    assert 0 < reference["eval_clean_accuracy"]  # a trained model: the comparison is not between two zeros
+
+
+def test_augmentation_epoch_follows_the_training_epoch(tmp_path):
+    """The epoch callback (no private Trainer method overridden) tells the seeded augmentation each epoch."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            transform = trainer.train_dataset.format["format_kwargs"]["transform"]
+            seen[state.global_step + 1] = transform.epoch
+
+    trainer = tiny_trainer(str(tmp_path), augment=True, max_steps=12, eval_strategy="no", save_strategy="no",
+                           load_best_model_at_end=False, callbacks=[Record()])
+    trainer.train()
+    steps_per_epoch = len(trainer.get_train_dataloader())  # 256 images / 32 = 8
+    assert steps_per_epoch == 8
+    assert seen == {step: (step - 1) // steps_per_epoch for step in range(1, 13)}
