@@ -103,7 +103,6 @@ def _certify(args) -> int:
                 image = item.load()
             except UnreadableImageError as error:  # reported, skipped; the other images go on
                 skipped.append({"source": item.name, "error": str(error)})
-                print(f"hf-gloro: warning: {error}; skipped", file=sys.stderr)
                 continue
             image, note = prepare_image(image, config.num_channels, config.image_size, item.name,
                                         resize=args.resize, convert=args.convert)
@@ -132,6 +131,8 @@ def _certify(args) -> int:
     bar.close()
     if certificate is None:
         raise CLIError(skipped[0]["error"] if len(skipped) == 1 else f"none of the {len(skipped)} images could be read")
+    for entry in skipped:
+        print(f"hf-gloro: warning: {entry['error']}; skipped", file=sys.stderr)
     summary = {"model": args.model, "epsilon": epsilon, "norm": "l2",
                "lipschitz_constant": certificate.lipschitz_constant, "num_images": len(rows),
                "num_certified": sum(row["certified"] for row in rows), "skipped": skipped}

@@ -1,4 +1,7 @@
-"""The ``hf-gloro`` command: certify (folders, files, data sets), verify (tampering), card, clear errors."""
+"""The ``hf-gloro`` command: certify (folders, files, data sets), verify (tampering), card, clear errors.
+
+Error paths and input checks use a tiny untrained 8×8 model and generated images: they need no MNIST.
+"""
 
 import json
 import shutil
@@ -14,6 +17,35 @@ from test_model_card import trained_mnist_checkpoint, write_mnist_pngs
 
 import hf_gloro
 from hf_gloro.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained 1×8×8 GloRo model saved with its image processor (no data set needed)."""
+    from gloro_helpers import tiny_model
+
+    from hf_gloro.image_processing import image_processor_for_config
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_model().eval()
+    model.save_pretrained(directory)
+    image_processor_for_config(model.config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_pngs(tmp_path_factory):
+    """Three 8×8 grayscale digits (scikit-learn) as PNG files."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path_factory.mktemp("tiny-pngs")
+    paths = []
+    for index, image in enumerate(load_digits().images[:3]):
+        path = folder / f"digit_{index}.png"
+        Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L").save(path)
+        paths.append(path)
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -94,30 +126,64 @@ def test_certify_dataset_inputs(capsys, checkpoint, model, shared_data, form):
     assert all(row["correct"] == (row["prediction"] == row["true_label"]) for row in rows)
 
 
-def test_certify_resizes_unless_told_not_to(capsys, checkpoint, tmp_path):
-    big = tmp_path / "big.png"
-    Image.new("L", (32, 32), 128).save(big)
-    status, out, _ = run(capsys, "certify", checkpoint, big, "--json")
-    assert status == 0 and len(json.loads(out)["results"]) == 1
-    assert_clear_error(*run(capsys, "certify", checkpoint, big, "--no-resize"), "32×32 but the model takes 28×28")
+def test_wrong_size_or_mode_is_refused_unless_resize_or_convert(capsys, tiny_checkpoint, tiny_pngs, tmp_path):
+    big, rgb = tmp_path / "big.png", tmp_path / "rgb.png"
+    Image.open(tiny_pngs[0]).resize((12, 12)).save(big)
+    Image.open(tiny_pngs[0]).convert("RGB").save(rgb)
+    assert_clear_error(*run(capsys, "certify", tiny_checkpoint, big),
+                       f"image '{big}' is 12×12 but the model takes 8×8 images")
+    assert_clear_error(*run(capsys, "certify", tiny_checkpoint, rgb),
+                       f"image '{rgb}' is RGB but the model takes grayscale")
+    # With the options, the row says that the certificate is about the processed image.
+    status, out, _ = run(capsys, "certify", tiny_checkpoint, big, rgb, tiny_pngs[0], "--resize", "--convert",
+                         "--json")
+    rows = json.loads(out)["results"]
+    assert status == 0 and [row["source"] for row in rows] == [str(big), str(rgb), str(tiny_pngs[0])]
+    assert rows[0]["preprocessing"].startswith("resized from 12×12 to 8×8")
+    assert rows[1]["preprocessing"].startswith("converted from RGB to L")
+    assert all("the certificate is about this processed image" in row["preprocessing"] for row in rows[:2])
+    assert "preprocessing" not in rows[2]
+    # The resized copy is certified as the bilinear 8×8 image (float32 rounding differs between batch sizes).
+    model = hf_gloro.GloRoForImageClassification.from_pretrained(tiny_checkpoint)
+    resized = Image.open(big).resize((8, 8), Image.BILINEAR)
+    pixels = hf_gloro.gloro_image_processor(1, 8)(images=[resized], return_tensors="pt", do_resize=False)
+    assert rows[0]["radius"] == pytest.approx(model.certify(pixels["pixel_values"]).radius.item(), rel=1e-4)
+    status, out, _ = run(capsys, "certify", tiny_checkpoint, big, "--resize")
+    assert status == 0 and f"{big} *" in out and "certificates are about the processed images" in out
+
+
+def test_an_unreadable_file_is_reported_and_skipped(capsys, tiny_checkpoint, tiny_pngs, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(tiny_pngs[0], folder / "a.png")
+    (folder / "b.png").write_text("not an image")
+    shutil.copy(tiny_pngs[1], folder / "c.png")
+    status, out, err = run(capsys, "certify", tiny_checkpoint, folder, "--json")
+    report = json.loads(out)
+    assert status == 0
+    assert [row["source"] for row in report["results"]] == [str(folder / "a.png"), str(folder / "c.png")]
+    assert [entry["source"] for entry in report["skipped"]] == [str(folder / "b.png")]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "b.png" in lines[0] and "cannot read image" in lines[0] and "skipped" in lines[0]
 
 
 @pytest.mark.parametrize("case,message", [
     ("missing_model", "does not exist"), ("not_a_model", "not a saved model"), ("missing_image", "no such file"),
     ("unreadable", "cannot read image"), ("empty_folder", "contains no images"), ("bad_epsilon", "--epsilon"),
-    ("missing_parquet", "does not exist"),
+    ("missing_parquet", "does not exist"), ("bad_split", "splits 'train' and 'test'"),
 ])
-def test_bad_inputs_give_one_line_errors(capsys, checkpoint, tmp_path, pngs, case, message):
+def test_bad_inputs_give_one_line_errors(capsys, tiny_checkpoint, tmp_path, tiny_pngs, case, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.png").write_text("not an image")
     argv = {
-        "missing_model": ["certify", tmp_path / "nope", pngs[0][0]],
-        "not_a_model": ["certify", tmp_path / "empty", pngs[0][0]],
-        "missing_image": ["certify", checkpoint, tmp_path / "nope.png"],
-        "unreadable": ["certify", checkpoint, tmp_path / "broken.png"],
-        "empty_folder": ["certify", checkpoint, tmp_path / "empty"],
-        "bad_epsilon": ["certify", checkpoint, pngs[0][0], "--epsilon", "-1"],
-        "missing_parquet": ["certify", checkpoint, f"parquet:{tmp_path / 'nope'}:test"],
+        "missing_model": ["certify", tmp_path / "nope", tiny_pngs[0]],
+        "not_a_model": ["certify", tmp_path / "empty", tiny_pngs[0]],
+        "missing_image": ["certify", tiny_checkpoint, tmp_path / "nope.png"],
+        "unreadable": ["certify", tiny_checkpoint, tmp_path / "broken.png"],
+        "empty_folder": ["certify", tiny_checkpoint, tmp_path / "empty"],
+        "bad_epsilon": ["certify", tiny_checkpoint, tiny_pngs[0], "--epsilon", "-1"],
+        "missing_parquet": ["certify", tiny_checkpoint, f"parquet:{tmp_path / 'nope'}:test"],
+        "bad_split": ["card", tiny_checkpoint, "--dataset", "sklearn/digits", "--split", "validation"],
     }[case]
     assert_clear_error(*run(capsys, *argv), message)
 
@@ -131,20 +197,27 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
 
 # --- verify -----------------------------------------------------------------------------------------------
 @pytest.fixture
-def copy(checkpoint, tmp_path):
+def copy(tiny_checkpoint, tmp_path):
     target = tmp_path / "model"
-    shutil.copytree(checkpoint, target)
+    shutil.copytree(tiny_checkpoint, target)
     return target
 
 
-def test_verify_passes_on_a_clean_checkpoint(capsys, copy, model):
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_checkpoint):
+    return hf_gloro.GloRoForImageClassification.from_pretrained(tiny_checkpoint)
+
+
+def test_verify_passes_on_a_clean_checkpoint(capsys, copy, tiny_loaded):
+    model = tiny_loaded
     status, out, _ = run(capsys, "verify", copy)
     assert status == 0 and "OK" in out
     assert f"recorded Lipschitz bound:   {model.lipschitz_constant()!r}" in out
     assert f"recomputed from the weights: {model.lipschitz_constant()!r}" in out
 
 
-def test_verify_fails_when_the_recorded_bound_was_lowered(capsys, copy, model):
+def test_verify_fails_when_the_recorded_bound_was_lowered(capsys, copy, tiny_loaded):
+    model = tiny_loaded
     config = json.loads((copy / "config.json").read_text())
     config["lipschitz_constant"] *= 0.999
     (copy / "config.json").write_text(json.dumps(config))
