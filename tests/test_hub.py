@@ -272,3 +272,26 @@ def test_command_line_push_verify_and_certify_by_repo_id(round_trip):
     assert kinds == ["accuracy"] + ["verified_robust_accuracy"] * 3
     files = round_trip["state"].repos[PLAIN_REPO + "-cli"].head().files
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "certified_accuracy.png"} <= set(files)
+
+
+def test_remote_code_module_is_stdlib_only_and_ships_only_model_code():
+    """``hf_gloro.remote_code`` imports nothing outside the standard library (so modeling can use it without the Hub
+    client), and the bundle holds the model's own code only: no Hub, card, evaluation, CLI or training modules."""
+    import ast
+    import pathlib
+
+    import hf_gloro.remote_code as remote_code
+
+    tree = ast.parse(pathlib.Path(remote_code.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    files = set(remote_code.remote_code_sources())
+    assert {"modeling_gloro.py", "configuration_gloro.py", "image_processing.py"} <= files
+    shipped_modules = {name.removesuffix(".py") for name in files}
+    assert not shipped_modules & {"hub", "model_card", "evaluation", "cli", "trainer", "pipelines", "inputs", "data"}
+    from hf_gloro.hub import write_remote_code  # the re-export modeling_gloro still uses
+
+    assert write_remote_code is remote_code.write_remote_code
