@@ -260,7 +260,7 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         opts out (``check_input_range=False``, for models trained on another input domain)."""
         if not self.config.check_input_range or not len(pixel_values):
             return
-        low, high = float(pixel_values.min()), float(pixel_values.max())
+        low, high = (float(v) for v in torch.aminmax(pixel_values.detach()))
         if low < -PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
             cause = " (0–255 images? divide by 255 or use the image processor)" if high > 1.5 else ""
             raise ValueError(
