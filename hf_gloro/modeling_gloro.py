@@ -293,6 +293,10 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         :func:`~hf_gloro.lipschitz.certify_inputs` under :func:`~hf_gloro.lipschitz.certification_numerics`."""
         self._check_certified_domain(pixel_values)
         self._check_certifiable()
+        if self.head.weight.dtype == torch.float64 and pixel_values.dtype == torch.float32:
+            # Evaluate a float64 model in float64 (exact widening of the input): the layers would otherwise round
+            # their float64 weights to the input's float32, a different network than the one bounded.
+            pixel_values = pixel_values.double()
         with certification_numerics():
             constants = self._certification_constants()
             result = certify_inputs(constants, self.head, pixel_values, epsilon)
@@ -412,7 +416,9 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (iterates included) and a config recording the current guaranteed bound.
+        """Save weights (iterates included), a config recording the current guaranteed bound, and the image
+        processor (``preprocessor_config.json``), so the folder works with ``from_pretrained``, both pipelines
+        and the CLI as it is.
 
         After ``register_for_auto_class(...)`` the folder also gets the self-contained model code and an
         ``auto_map`` (``transformers`` itself can only copy flat sibling modules, not the ``lipschitz/`` and
@@ -426,10 +432,14 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
             result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             cls._auto_class = auto_class
-        if auto_class is not None and kwargs.get("is_main_process", True):
-            from .hub import write_remote_code
+        if kwargs.get("is_main_process", True):
+            from .image_processing import image_processor_for_config
 
-            write_remote_code(save_directory)
+            image_processor_for_config(self.config).save_pretrained(save_directory)
+            if auto_class is not None:
+                from .remote_code import write_remote_code
+
+                write_remote_code(save_directory)
         return result
 
 

@@ -16,7 +16,17 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
-import xxhash
+
+try:
+    import xxhash
+
+    def _hasher(data: bytes = b""):
+        return xxhash.xxh3_128(data)
+except ImportError:  # pragma: no cover - e.g. the remote-code copy of this file without hf-gloro's dependencies
+    import hashlib
+
+    def _hasher(data: bytes = b""):
+        return hashlib.blake2b(data, digest_size=16)
 
 #: Relative slack multiplied onto every guaranteed per-layer bound: ``bound = (1 + slack) · computed``.
 BOUND_RELATIVE_SLACK: float = 1e-6
@@ -139,13 +149,14 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
 
     Any change of any element (a write through ``.data``, a permutation, sign flips, balanced exponent shifts)
     changes it except with probability ~2⁻¹²⁸: an integrity check against accidents, not against an adversary
-    who controls the process. ~20 GB/s on one core; tensors on an accelerator are copied to the host first.
+    who controls the process. ~20 GB/s on one core (BLAKE2b where xxhash is not installed); tensors on an
+    accelerator are copied to the host first.
     """
     t = tensor.detach()
     flat = t.contiguous().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    digest = xxhash.xxh3_128(f"{t.dtype}|{tuple(t.shape)}".encode())
+    digest = _hasher(f"{t.dtype}|{tuple(t.shape)}".encode())
     if flat.numel():
         digest.update(memoryview(flat.view(torch.uint8).numpy()))
     return digest.digest()
@@ -153,7 +164,7 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
 
 def content_digest(tensors: Iterable[torch.Tensor]) -> bytes:
     """One digest over several tensors (order matters)."""
-    digest = xxhash.xxh3_128()
+    digest = _hasher()
     for tensor in tensors:
         digest.update(tensor_digest(tensor))
     return digest.digest()
