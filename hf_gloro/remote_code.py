@@ -36,11 +36,9 @@ REMOTE_CODE_AUTO_MAP = {
 }
 REMOTE_CODE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing.GloRoImageProcessor"}
 
-#: Modules that are not model code: never shipped. ``hub`` is redirected to this module (it re-exports
-#: ``write_remote_code`` from here), so a model that still imports the bundler from ``hub`` ships only this file.
+#: Modules that are not model code: never shipped (a model module importing one of them cannot be bundled).
 _NOT_MODEL_CODE = ("hub", "model_card", "evaluation", "cli", "trainer", "pipelines", "inputs", "data", "losses",
                    "schedules", "metrics")
-_REDIRECTS = {"hub": "remote_code"}
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _PACKAGE = __name__.rsplit(".", 1)[0]
@@ -76,9 +74,6 @@ def _resolve(current: str, dots: str, name: str) -> str:
         raise ImportError(f"`from {dots} import …` in {current} cannot be bundled; import from a module instead")
     target = ".".join([*base, *name.split(".")])
     parts = target.split(".")
-    if len(parts) > 1 and parts[1] in _REDIRECTS:
-        target = ".".join([parts[0], _REDIRECTS[parts[1]], *parts[2:]])
-        parts = target.split(".")
     if len(parts) > 1 and parts[1] in _NOT_MODEL_CODE:
         raise ImportError(f"{current} imports {target}, which is not model code and is never shipped as remote code")
     return target

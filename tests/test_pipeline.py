@@ -128,8 +128,7 @@ def test_folder_from_save_pretrained_works_with_both_pipelines(checkpoint, tmp_p
     image_processor_for_config), so both pipelines load the folder as it is."""
     model = hf_gloro.GloRoForImageClassification.from_pretrained(checkpoint)
     model.save_pretrained(tmp_path)
-    if not (tmp_path / "preprocessor_config.json").is_file():
-        pytest.xfail("save_pretrained does not write preprocessor_config.json yet (modeling_gloro.py)")
+    assert (tmp_path / "preprocessor_config.json").is_file()
     plain = pipeline("image-classification", model=str(tmp_path))
     certified = pipeline(TASK, model=str(tmp_path))
     certificate, logits = _certify(model, images[:2], batch_size=1)
