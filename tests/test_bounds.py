@@ -230,3 +230,247 @@ def test_power_iteration_survives_zero_weights_and_null_space_iterates():
     layer.weight.data.copy_(torch.diag(torch.tensor([2.0, 0.0, 0.0])))
     layer.power_iterate.copy_(torch.tensor([0.0, 1.0, 0.0]))  # in the null space: restarted at random
     assert layer.lipschitz_estimate(50).detach().item() == pytest.approx(2.0, rel=1e-4)
+
+
+# --- The fast convolution bound (polyphase taps, tap-offset Gram matrices, Cholesky-verified thresholds) -----
+# Attacks: the bound must dominate the exact norm of the unrolled operator for every geometry, dominate the
+# exact circular norm computed independently (FFT + SVD of the aliased stacks) at every size, stay within
+# 1e-4 of it, and these checks must notice a bound scaled by 0.99 or a skipped frequency region.
+
+from hf_gloro.lipschitz import spectral_bounds  # noqa: E402
+
+
+def circular_reference(kernel, input_size, stride, padding, dilation, groups) -> float:
+    """max_ν σ_max([K̂(ν + aM)]_a)/s on the embedding torus, by FFT and SVD: independent of the fast code."""
+    k = kernel.detach().double()
+    c_out, c_in_g, kh, kw = k.shape
+    (sh, sw), (ph, pw), (dh, dw) = (spectral_bounds._pair(v) for v in (stride, padding, dilation))
+    big_h = spectral_bounds.circular_embedding_size(input_size[0], kh, sh, ph, dh)
+    big_w = spectral_bounds.circular_embedding_size(input_size[1], kw, sw, pw, dw)
+    embedded = torch.zeros(c_out, c_in_g, big_h, big_w, dtype=torch.float64)
+    embedded[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw] = k
+    spectrum = torch.fft.fft2(embedded).permute(2, 3, 0, 1)  # (N_h, N_w, C_out, C_in/g)
+    m_h, m_w = big_h // sh, big_w // sw
+    stacks = spectrum.reshape(sh, m_h, sw, m_w, c_out, c_in_g).permute(1, 3, 4, 0, 2, 5)
+    stacks = stacks.reshape(m_h, m_w, c_out, sh * sw, c_in_g)
+    per_group = c_out // groups
+    best = 0.0
+    for g in range(groups):
+        block = stacks[:, :, g * per_group : (g + 1) * per_group].reshape(m_h * m_w, per_group, -1)
+        best = max(best, float(torch.linalg.svdvals(block)[:, 0].max()))
+    return best / math.sqrt(sh * sw)
+
+
+def dense_conv_norm(kernel, input_size, stride, padding, dilation, groups) -> float:
+    c_in = kernel.shape[1] * groups
+    w = kernel.detach().double()
+    return exact_norm(lambda x: F.conv2d(x, w, None, stride, padding, dilation, groups), (c_in, *input_size))
+
+
+@pytest.fixture(params=["search", "solve_all"])
+def bound_path(request, monkeypatch):
+    """Run a test through both threshold strategies: the threshold search used for large Gram matrices
+    (forced even for tiny ones) and the solve-every-frequency path used for small ones."""
+    monkeypatch.setattr(spectral_bounds, "_SOLVE_ALL_UP_TO", 0 if request.param == "search" else 10**9)
+    return request.param
+
+
+def random_geometry(seed: int):
+    """(kernel, input_size, stride, padding, dilation, groups), small enough for a dense SVD."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    groups = pick(1, 1, 1, 2, 3)
+    c_in, c_out = groups * pick(1, 2, 3), groups * pick(1, 2, 4)
+    kh, kw = pick(1, 2, 3, 4, 5), pick(1, 2, 3, 4)
+    stride = (pick(1, 1, 2, 3, 4), pick(1, 2, 4))
+    dilation = (pick(1, 1, 2, 3), pick(1, 2))
+    padding = (pick(0, 1, 2, 3), pick(0, 1, 2))
+    nh = max(dilation[0] * (kh - 1) + 1 - 2 * padding[0], 1) + pick(0, 1, 2, 3, 5)
+    nw = max(dilation[1] * (kw - 1) + 1 - 2 * padding[1], 1) + pick(0, 1, 2, 4)
+    kind = pick("gauss", "gauss", "low_rank", "modulated", "sparse")
+    kernel = torch.randn(c_out, c_in // groups, kh, kw, generator=g, dtype=torch.float64)
+    if kind == "low_rank":  # rank-1 in the channels, the same spatial pattern everywhere
+        kernel = torch.einsum("o,i,hw->oihw", kernel[:, 0, 0, 0], kernel[0, :, 0, 0], kernel[0, 0])
+    elif kind == "modulated":  # a sharp peak at a random, generally off-grid, frequency
+        omega = 2 * math.pi * torch.rand(2, generator=g, dtype=torch.float64)
+        phase = omega[0] * torch.arange(kh)[:, None] + omega[1] * torch.arange(kw)[None]
+        kernel = kernel[:, :, :1, :1] * torch.cos(phase)
+    elif kind == "sparse":
+        kernel = kernel * (torch.rand(kernel.shape, generator=g, dtype=torch.float64) < 0.3)
+    return kernel, (nh, nw), stride, padding, dilation, groups
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_fast_conv_bound_dominates_exact_norm_on_random_geometries(seed, bound_path):
+    kernel, size, stride, padding, dilation, groups = random_geometry(seed)
+    try:
+        exact = dense_conv_norm(kernel, size, stride, padding, dilation, groups)
+    except RuntimeError:  # no output for this geometry
+        pytest.skip("empty output")
+    bound = conv2d_spectral_norm_bound(kernel, size, stride, padding, dilation, groups)
+    circular = circular_reference(kernel, size, stride, padding, dilation, groups)
+    assert bound >= exact
+    assert bound >= circular * (1 + 0.5 * BOUND_RELATIVE_SLACK)  # the computed maximum is never undershot
+    assert bound <= circular * (1 + 1e-4) + 1e-300
+
+
+ADVERSARIAL = {
+    # name: (kernel factory, input size, stride, padding, dilation, groups)
+    "identity_ties": (lambda: torch.eye(80, dtype=torch.float64)[:, :, None, None].expand(80, 80, 3, 3)
+                      * (torch.arange(9) == 4).double().reshape(3, 3), (6, 6), 1, 1, 1, 1),
+    "near_identity_liresnet": (lambda: _liresnet_kernel(72, 0.1), (7, 7), 1, 1, 1, 1),
+    "strong_branch_liresnet": (lambda: _liresnet_kernel(72, 3.0), (6, 6), 1, 1, 1, 1),
+    "low_rank_72": (lambda: torch.einsum("o,i,hw->oihw", torch.randn(72).double(), torch.randn(72).double(),
+                                         torch.randn(3, 3).double()), (6, 6), 1, 1, 1, 1),
+    "off_grid_peak": (lambda: _modulated(70, 70, 3, (2.2, 0.9)), (6, 7), 1, 1, 1, 1),
+    "off_grid_peak_stride2": (lambda: _modulated(20, 20, 4, (2.9, -1.3)), (8, 8), 2, 1, 1, 1),
+    "stride4_neck_like": (lambda: torch.randn(80, 8, 4, 4).double(), (8, 8), 4, 0, 1, 1),
+    "stride4_k5": (lambda: torch.randn(70, 6, 5, 5).double(), (9, 9), 4, 2, 1, 1),
+    "dilated_grouped": (lambda: torch.randn(140, 70, 3, 3).double(), (7, 7), 1, 2, 2, 2),
+    "one_zero_group": (lambda: torch.cat([torch.randn(70, 3, 3, 3), torch.zeros(70, 3, 3, 3)]).double(),
+                       (6, 6), 1, 1, 1, 2),
+    "tiny_scale": (lambda: 1e-100 * torch.randn(70, 70, 3, 3).double(), (5, 5), 1, 1, 1, 1),
+    "huge_scale": (lambda: 1e100 * torch.randn(70, 70, 3, 3).double(), (5, 5), 1, 1, 1, 1),
+}
+
+
+def _liresnet_kernel(channels: int, branch: float) -> torch.Tensor:
+    kernel = branch * torch.randn(channels, channels, 3, 3, dtype=torch.float64) / (3 * math.sqrt(channels))
+    kernel[torch.arange(channels), torch.arange(channels), 1, 1] += 1.0
+    return kernel
+
+
+def _modulated(c_out: int, c_in: int, size: int, omega: tuple[float, float]) -> torch.Tensor:
+    taps = torch.arange(size, dtype=torch.float64)
+    phase = omega[0] * taps[:, None] + omega[1] * taps[None]
+    return torch.randn(c_out, c_in, 1, 1, dtype=torch.float64) * torch.cos(phase) + 0.05 * torch.randn(
+        c_out, c_in, size, size, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_fast_conv_bound_on_adversarial_kernels(name, bound_path):
+    torch.manual_seed(hash(name) % 1000)
+    factory, size, stride, padding, dilation, groups = ADVERSARIAL[name]
+    kernel = factory().contiguous()
+    exact = dense_conv_norm(kernel, size, stride, padding, dilation, groups)
+    circular = circular_reference(kernel, size, stride, padding, dilation, groups)
+    bound = conv2d_spectral_norm_bound(kernel, size, stride, padding, dilation, groups)
+    assert bound >= exact
+    assert bound >= circular * (1 + 0.5 * BOUND_RELATIVE_SLACK)
+    assert bound <= circular * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("branch,stride,kernel_size,channels", [
+    (0.05, 1, 3, 72), (1.0, 1, 3, 72), (4.0, 1, 3, 72), (None, 2, 4, 48), (None, 4, 4, 64),
+])
+def test_fast_conv_bound_is_tight_at_realistic_sizes(branch, stride, kernel_size, channels):
+    torch.manual_seed(1)
+    if branch is None:
+        kernel = torch.randn(channels, channels, kernel_size, kernel_size, dtype=torch.float64)
+        padding = 0 if stride == kernel_size else 1
+    else:
+        kernel, padding = _liresnet_kernel(channels, branch), 1
+    size = (16, 16)
+    bound = conv2d_spectral_norm_bound(kernel, size, stride, padding)
+    circular = circular_reference(kernel, size, stride, padding, 1, 1)
+    assert circular * (1 + 0.5 * BOUND_RELATIVE_SLACK) <= bound <= circular * (1 + 1e-4)
+    layer = LipschitzConv2d(channels, channels, kernel_size, size, stride=stride, padding=padding).double()
+    layer.weight.data.copy_(kernel)
+    estimate = converge_power_iterates(layer, tolerance=1e-7, max_iterations=400)
+    assert estimate <= bound <= 1.05 * estimate
+
+
+def test_fast_conv_bound_search_recovers_from_a_bad_candidate(monkeypatch):
+    """The power estimates only choose the first threshold: the worst possible choice is still sound and tight."""
+    monkeypatch.setattr(spectral_bounds, "_SOLVE_ALL_UP_TO", 0)
+    kernel = _liresnet_kernel(72, 3.0)
+    honest = conv2d_spectral_norm_bound(kernel, (8, 8), 1, 1)
+    monkeypatch.setattr(spectral_bounds, "_power_estimates", lambda grams, iterations: -grams[:, 0, 0].real)
+    bad_pick = conv2d_spectral_norm_bound(kernel, (8, 8), 1, 1)
+    assert spectral_bounds.last_call_stats["first_failures"] > 0  # the search path really ran
+    circular = circular_reference(kernel, (8, 8), 1, 1, 1, 1)
+    assert circular * (1 + 0.5 * BOUND_RELATIVE_SLACK) <= bad_pick <= circular * (1 + 1e-4)
+    assert bad_pick == pytest.approx(honest, rel=1e-4)
+
+
+def test_fast_conv_bound_is_reproducible_across_thread_counts():
+    kernel = _liresnet_kernel(128, 1.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = conv2d_spectral_norm_bound(kernel, (10, 10), 1, 1)
+        torch.set_num_threads(2)
+        double = conv2d_spectral_norm_bound(kernel, (10, 10), 1, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert single == double
+
+
+def test_formation_error_term_covers_the_actual_rounding():
+    """ε_form (a rigorous a-priori bound) dominates the measured difference to an FFT-formed Gram."""
+    kernel = _liresnet_kernel(64, 2.0)
+    positions, taps = spectral_bounds._polyphase_taps(kernel, (1, 1), (1, 1))
+    symbol = spectral_bounds._SymbolGram(taps, positions, (9, 9))
+    nu_h, nu_w = symbol.frequencies()
+    fast = symbol.form(nu_h, nu_w)
+    embedded = torch.zeros(64, 64, 9, 9, dtype=torch.float64)
+    embedded[:, :, :3, :3] = kernel
+    spectrum = torch.fft.fft2(embedded).permute(2, 3, 0, 1)[nu_h, nu_w]
+    reference = spectrum @ spectrum.mH
+    difference = float(torch.linalg.matrix_norm(fast - reference, ord=2).max())
+    assert 0 < difference <= symbol.formation_error
+    assert symbol.formation_error < 1e-9 * float(torch.linalg.eigvalsh(reference)[:, -1].max())
+
+
+def test_certified_threshold_covers_cholesky_rounding():
+    symbol = spectral_bounds._SymbolGram(*reversed(spectral_bounds._polyphase_taps(
+        _liresnet_kernel(64, 1.0), (1, 1), (1, 1))), (8, 8))
+    bound = spectral_bounds._certified(symbol, 2.0)
+    # 2γ̃n with γ̃ = γ_{16(n+1)}, plus 2u, plus the formation term twice.
+    assert bound > 2.0 * (1 + 2 * 16 * 65 * 64 * 2.0**-53)
+    assert bound < 2.0 * (1 + 1e-9)
+
+
+def test_fast_conv_bound_tests_notice_a_scaled_bound(monkeypatch):
+    """Mutation check: a bound 1% too small violates the assertions used above: it falls below the exact
+    circular norm, and below the exact norm itself where the circular embedding is exact (stride = kernel)."""
+    torch.manual_seed(0)
+    overlapping = ADVERSARIAL["off_grid_peak_stride2"][0]()
+    blocks = torch.randn(80, 8, 4, 4, dtype=torch.float64)
+    exact = dense_conv_norm(blocks, (8, 8), 4, 0, 1, 1)
+    circular = circular_reference(overlapping, (8, 8), 2, 1, 1, 1)
+    assert conv2d_spectral_norm_bound(blocks, (8, 8), 4) >= exact
+    assert conv2d_spectral_norm_bound(overlapping, (8, 8), 2, 1) >= circular
+    original = spectral_bounds._certified
+    monkeypatch.setattr(spectral_bounds, "_certified", lambda symbol, t: 0.99**2 * original(symbol, t))
+    assert conv2d_spectral_norm_bound(blocks, (8, 8), 4) < exact
+    assert conv2d_spectral_norm_bound(overlapping, (8, 8), 2, 1) < circular
+
+
+@pytest.mark.parametrize("region", ["low_h", "high_h", "zero_w"])
+def test_fast_conv_bound_tests_notice_a_skipped_frequency_region(region, monkeypatch):
+    """Mutation check: dropping the frequencies where a peaked kernel's symbol is largest undershoots the
+    exact norm, so the dominance assertions above would catch a frequency set with a hole."""
+    centre = {"low_h": (0.8, 0.4), "high_h": (-1.1, 2.0), "zero_w": (2.4, 0.0)}[region]
+    torch.manual_seed(3)
+    kernel = _modulated(6, 6, 5, centre)
+    size = (12, 12)
+    exact = dense_conv_norm(kernel, size, 1, 2, 1, 1)
+    assert conv2d_spectral_norm_bound(kernel, size, 1, 2) >= exact
+    frequencies = spectral_bounds._SymbolGram.frequencies
+
+    def with_hole(self):
+        nu_h, nu_w = frequencies(self)
+        m_h, m_w = self.torus
+        angle_h = 2 * math.pi * torch.minimum(nu_h, m_h - nu_h) / m_h * torch.where(nu_h * 2 > m_h, -1, 1)
+        angle_w = 2 * math.pi * torch.minimum(nu_w, m_w - nu_w) / m_w * torch.where(nu_w * 2 > m_w, -1, 1)
+        # Both ν and −ν of a pair describe the same matrix up to conjugation: test the region on either.
+        near = ((angle_h - centre[0]).abs() < 0.6) & ((angle_w - centre[1]).abs() < 0.6)
+        near |= ((angle_h + centre[0]).abs() < 0.6) & ((angle_w + centre[1]).abs() < 0.6)
+        return nu_h[~near], nu_w[~near]
+
+    monkeypatch.setattr(spectral_bounds._SymbolGram, "frequencies", with_hole)
+    assert conv2d_spectral_norm_bound(kernel, size, 1, 2) < exact
