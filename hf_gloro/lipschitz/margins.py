@@ -84,6 +84,11 @@ def certify_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(predictions, certified, radius)`` from logits and *guaranteed* margin constants, in float64.
 
+    This is the **exact-arithmetic** certificate: it treats the given logits as exact, ignoring the rounding
+    of the forward pass that produced them. The package itself certifies with
+    :func:`hf_gloro.lipschitz.certify_inputs` (float-sound); this function remains for comparisons
+    (``benchmarks/bench_float_soundness.py``) and for logits known to be exact.
+
     ``radius[b] = min_{i≠j}(y_j − y_i)/K_ji`` and ``certified[b] = radius[b] > ε``, which is
     ``y_j > y_⊥`` (strict: a tied top class has radius 0 and is never certified). Each float64 operation
     is correctly rounded (relative error ≤ 2⁻⁵²), far inside the slack already in ``K``.
