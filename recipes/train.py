@@ -271,8 +271,7 @@ def test_evaluation(prediction, data_args: DataArguments, model, bound: float, e
     """The test split's per-example certificates (from ``trainer.predict``) as the card's evaluation."""
     summary = prediction.predictions
     if data_args.dataset_name == SKLEARN_DIGITS:
-        name = (f"scikit-learn digits ({data_args.image_size}×{data_args.image_size}; test = "
-                f"{data_args.test_size:.0%} stratified carve)")
+        name = f"scikit-learn digits {data_args.image_size}×{data_args.image_size}"  # test: the recipe's carve
         split = "test"
     else:
         name = data_args.dataset_name
