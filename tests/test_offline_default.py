@@ -107,7 +107,7 @@ def test_main_job_folder_is_complete(main_job):
 @pytest.mark.slow
 def test_main_job_folder_works_with_pipelines_cli_and_card(main_job, tmp_path, capsys):
     output, _ = main_job
-    import hf_gloro
+    import hf_gloro  # noqa: F401  (registers the Auto classes)
     from PIL import Image
     from transformers import AutoModelForImageClassification, pipeline
 
