@@ -248,16 +248,8 @@ class GloRoTrainer(Trainer):
         if model.training:
             epsilon = self.current_training_epsilon()
             outputs = model(pixel_values=pixel_values, epsilon=epsilon)
-            margin_constants = None
-            if self.args.gloro_loss in NEEDS_MARGIN_CONSTANTS:
-                margin_constants = getattr(outputs, "margin_constants", None)
-                if margin_constants is None:  # models from before `margin_constants` joined the outputs
-                    # The forward just updated the iterates; 0 further iterations re-evaluates the very same
-                    # differentiable estimate k = Π‖A_l v_l‖ without another power-iteration step.
-                    unwrapped = self._unwrapped()
-                    margin_constants = unwrapped.head.margin_constants_estimate(
-                        unwrapped.lipschitz_estimate(iterations=0, update=False)
-                    )
+            # Training mode: the differentiable power-iteration estimate of K the forward used for y_⊥.
+            margin_constants = outputs.margin_constants if self.args.gloro_loss in NEEDS_MARGIN_CONSTANTS else None
             loss = gloro_loss(self.args.gloro_loss, logits=outputs.logits, gloro_logits=outputs.gloro_logits,
                               labels=labels, epsilon=epsilon, margin_constants=margin_constants,
                               trades_lambda=self.current_trades_lambda())

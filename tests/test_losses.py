@@ -160,9 +160,11 @@ def test_trainer_loss_at_a_known_step_matches_a_hand_computation(tmp_path, loss)
     model.load_state_dict(start)  # the same power-iteration start: the same estimate
     with torch.no_grad():
         outputs = model(batch["pixel_values"], epsilon=epsilon)
-        constants = getattr(outputs, "margin_constants", None)
-        if constants is None:  # models whose outputs do not carry the margin constants yet
-            constants = model.head.margin_constants_estimate(model.lipschitz_estimate(iterations=0, update=False))
+        constants = outputs.margin_constants
+    # The constants are the model's own differentiable estimate k·‖w_j − w_i‖ at this step.
+    with torch.no_grad():
+        estimate = model.head.margin_constants_estimate(model.lipschitz_estimate(iterations=0, update=False))
+    torch.testing.assert_close(constants, estimate, rtol=1e-5, atol=1e-6)
     expected = _hand_losses(outputs.logits.double(), constants.double(), batch["labels"], epsilon, trades_lambda)
     assert value == pytest.approx(expected[loss], rel=1e-5)
     # The three objectives differ at this step, so matching the right one is informative.

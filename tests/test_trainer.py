@@ -281,7 +281,7 @@ def test_tutorial_style_script_with_a_label_column_trains(tmp_path):
 
     dataset = dataset.with_transform(transforms)
     args = tiny_arguments(str(tmp_path), max_steps=2, eval_strategy="no", save_strategy="no",
-                          load_best_model_at_end=False, label_names=["label"])
+                          load_best_model_at_end=False)
     trainer = GloRoTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
     before = model.head.weight.detach().clone()
     trainer.train()
