@@ -133,7 +133,8 @@ def describe_training(record: dict, results: dict | None = None) -> str:
     augmentation += ["horizontal flips"] if data.get("horizontal_flip") else []
     if augmentation:
         lines.append(f"- **Augmentation:** {', '.join(augmentation)}")
-    lines.append(f"- **Model:** `{model.get('backbone')}`, certifying ε = {format_radius(float(model.get('epsilon', 0)))}, "
+    epsilon = format_radius(float(model.get("epsilon", 0)))
+    lines.append(f"- **Model:** `{model.get('backbone')}`, certifying ε = {epsilon}, "
                  f"{model.get('power_iterations')} power iterations per step, head normalisation "
                  f"`{model.get('head_normalization')}`")
     loss = args.get("gloro_loss", "gloro_ce")
