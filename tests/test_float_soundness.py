@@ -17,7 +17,12 @@ from hf_gloro.lipschitz import (
     certify_logits,
 )
 from hf_gloro.lipschitz.certificate import round_keeping_argmax
-from hf_gloro.lipschitz.float_error import activation_norms, layer_rounding_error, run_chain
+from hf_gloro.lipschitz.float_error import (
+    activation_norms,
+    layer_rounding_error,
+    layer_rounding_error_a_posteriori,
+    run_chain,
+)
 
 
 def wide_range_input(shape, seed=0):
@@ -54,7 +59,10 @@ def test_each_layers_rounding_bound_dominates_its_float32_error(name):
         bound = layer_rounding_error(layer.rounding_model(), activation_norms(x), out32)
         bound64 = layer_rounding_error(layer.rounding_model(), activation_norms(x), out64)
         assert (error <= bound + bound64).all(), (name, error, bound)
-        worst = max(worst, float((error / bound).max()))
+        posterior = layer_rounding_error_a_posteriori(layer, layer.rounding_model(), x, out32)
+        assert (error <= posterior + bound64).all(), (name, error, posterior)
+        assert (posterior <= bound * (1 + 1e-6)).all()  # never looser than the norm-based bound
+        worst = max(worst, float((error / posterior).max()))
     # Not vacuous: the worst case is within a few orders of magnitude of what really happens (a bound made with
     # float64's unit roundoff instead of float32's would be ~1e9 times smaller and fail above).
     assert worst > 1e-5 or name == "normalisation", worst
@@ -82,14 +90,15 @@ def networks():
     return models()
 
 
+@pytest.mark.parametrize("a_posteriori", [False, True])
 @pytest.mark.parametrize("name", ["liresnet", "2c2f"])
-def test_chain_and_margin_error_bounds_dominate_float32_vs_float64(networks, name):
+def test_chain_and_margin_error_bounds_dominate_float32_vs_float64(networks, name, a_posteriori):
     model = networks[name]
     constants = model._certification_constants()
     channels, size = model.config.num_channels, model.config.image_size
     x = torch.rand(64, channels, size, size)
     with torch.no_grad():
-        trace32 = run_chain(constants.leaves, constants.lipschitz, constants.rounding, x)
+        trace32 = run_chain(constants.leaves, constants.lipschitz, constants.rounding, x, a_posteriori)
         trace64 = run_chain(constants.leaves, constants.lipschitz, constants.rounding, x.double())
     gap = (trace32.output.double() - trace64.output).norm(dim=1)
     assert (gap <= trace32.deviations[-1] + trace64.deviations[-1]).all()

@@ -32,6 +32,12 @@ class _ConvGeometry:
         return RoundingModel(fan_in=kernel[0].numel(), abs_norm=absolute_conv_norm_bound(kernel, self.groups),
                              bias_norm=bias * (1 + 1e-12))
 
+    def absolute_forward(self, x_abs: torch.Tensor) -> torch.Tensor:
+        """``|A|·x_abs + |b|`` (the convolution with ``|K|``): the a-posteriori rounding term's operator."""
+        bias = None if self.bias is None else self.bias.detach().abs().to(x_abs.dtype)
+        kernel = self.effective_kernel().detach().abs().to(x_abs.dtype)
+        return F.conv2d(x_abs, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def _check_input_size(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(

@@ -42,6 +42,11 @@ class LipschitzLinear(LipschitzBounded, nn.Linear):
         return RoundingModel(fan_in=self.in_features, abs_norm=absolute_dense_norm_bound(self.weight),
                              bias_norm=bias * (1 + 1e-12))
 
+    def absolute_forward(self, x_abs: torch.Tensor) -> torch.Tensor:
+        """``|W|·x_abs + |b|``: the a-posteriori rounding term's operator."""
+        bias = None if self.bias is None else self.bias.detach().abs().to(x_abs.dtype)
+        return F.linear(x_abs, self.weight.detach().abs().to(x_abs.dtype), bias)
+
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
 

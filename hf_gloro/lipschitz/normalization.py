@@ -59,5 +59,9 @@ class InputNormalization(LipschitzBounded, nn.Module):
         return RoundingModel(fan_in=1, abs_norm=self._compute_upper_bound(),
                              bias_norm=float((mean / std).norm()) * (1 + 1e-12))
 
+    def absolute_forward(self, x_abs: torch.Tensor) -> torch.Tensor:
+        """``(|x| + |μ|)/σ`` ≥ ``|x − μ|/σ``: the a-posteriori rounding term's operator."""
+        return (x_abs + self.mean.abs().to(x_abs.dtype)) / self.std.to(x_abs.dtype)
+
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         return (self.mean, self.std)

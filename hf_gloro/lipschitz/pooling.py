@@ -41,6 +41,10 @@ class LipschitzAvgPool2d(LipschitzBounded, nn.AvgPool2d):
         kh, kw = _pair(self.kernel_size)
         return RoundingModel(fan_in=kh * kw, abs_norm=self.lipschitz_upper_bound())
 
+    def absolute_forward(self, x_abs: torch.Tensor) -> torch.Tensor:
+        """The average of ``|x|`` (non-negative weights: ``|A| = A``)."""
+        return self(x_abs)
+
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         return ()
 

@@ -98,13 +98,13 @@ _SOLVE_ALL_UP_TO = 64
 _EIGEN_SOLVE_AT_MOST = 2
 
 #: Frequencies formed and factorised per batch (memory ≈ batch · n² · 16 bytes twice).
-_FREQUENCY_CHUNK = 16
+_FREQUENCY_CHUNK = 32
 
 #: Formed Gram matrices are kept between the estimation and the verification pass up to this many bytes.
 _KEEP_BYTES = 768 * 2**20
 
 #: Power iterations per frequency used only to *choose* the threshold (never part of the bound).
-_ESTIMATE_ITERATIONS = 6
+_ESTIMATE_ITERATIONS = 4
 
 
 def _gamma(k: float) -> float:
