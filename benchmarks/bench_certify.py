@@ -2,7 +2,9 @@
 
 For each backbone it prints:
 * certify() time / plain logits forward time (same batch; interleaved repetitions; medians) and the
-  fixed extra cost per call (weights checksum for the bound cache + float64 certificate),
+  fixed extra cost per call (content hash of the weights for the bound cache, the floating-point
+  error bounds, float64 re-evaluation of grey rows). Untrained models on random inputs: for the cost on
+  trained models and real data see bench_float_soundness.py,
 * guaranteed bound / converged power-iteration estimate of Lip(pixels → features),
 * seconds to compute the guaranteed bound from scratch (uncached).
 
