@@ -70,7 +70,8 @@ def test_every_native_backbone_is_covered():
 def build_model(name: str, seed: int = 0) -> GloRoForImageClassification:
     """A small ``name`` model with randomised weights (deterministic in ``seed``), eval mode.
 
-    Input normalisation with σ = (0.4, 0.8, 1.0). Every affine layer gets 15 % Gaussian noise on its orthogonal init and is scaled by a factor in [1.3, 2];
+    Input normalisation with σ = (0.4, 0.8, 1.0). Every affine layer gets 15 % Gaussian noise on its orthogonal init
+    and is scaled by a factor in [1.3, 2];
     LiResNet blocks get a real residual branch (``V ~ N(0, 1/(9C))``, gains ``1 ± 0.3``); biases are random so the
     MinMax patterns vary; the head rows are perturbed.
     """
@@ -79,8 +80,10 @@ def build_model(name: str, seed: int = 0) -> GloRoForImageClassification:
     # A non-trivial input normalisation (Lipschitz 1/min σ = 2.5) so that its factor is checked too.
     mean, std = [0.4, 0.5, 0.6][:channels], [0.4, 0.8, 1.0][:channels]
     model = GloRoForImageClassification(GloRoConfig(backbone=name, num_channels=channels, image_size=size,
-                                                    image_mean=mean, image_std=std,
-                                                    backbone_kwargs=dict(kwargs))).eval()
+                                                    image_mean=mean, image_std=std, backbone_kwargs=dict(kwargs),
+                                                    # LiResNets with the LLN head they are trained with
+                                                    head_normalization="lln" if "liresnet" in name else "none",
+                                                    )).eval()
     generator = torch.Generator().manual_seed(seed)
 
     def randn(shape):
@@ -195,8 +198,8 @@ def record_executed_leaves(model: GloRoForImageClassification, x: torch.Tensor):
         for handle in handles:
             handle.remove()
     assert not any(m._forward_hooks for _, m in named), "hooks left behind"
-    # The executed leaves must form a plain chain: x → call 1 → call 2 → … → output, each call consuming exactly
-    # the previous call's output. Anything else (a skip connection in a container's forward, a layer applied
+    # The executed leaves must form a plain chain: x → call 1 → call 2 → … → output, each call consuming
+    # exactly the previous call's output. Anything else (a skip connection in a container's forward, a layer applied
     # outside the recorded modules, functional code between layers) would make a product of norms meaningless.
     current = x
     for name, _, inputs, outputs in calls:
@@ -253,7 +256,8 @@ def check_one_lipschitz_at(module: nn.Module, inputs: torch.Tensor, name: str, t
         a = base + scale * torch.randn(base.shape, dtype=torch.float64, generator=generator)
         b = base + scale * torch.randn(base.shape, dtype=torch.float64, generator=generator)
         ratio = (twin(a) - twin(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
-        assert float(ratio.max()) <= 1 + 1e-9, f"{name} ({type(module).__name__}) is counted as 1 but stretches by {float(ratio.max()):.4g}"
+        worst = float(ratio.max())
+        assert worst <= 1 + 1e-9, f"{name} ({type(module).__name__}) is counted as 1 but stretches by {worst:.4g}"
 
 
 def executed_layer_norms(model: GloRoForImageClassification, x: torch.Tensor):
@@ -315,7 +319,8 @@ def check_margin_constants_dominate_gradients(model: GloRoForImageClassification
     if (excess > 0).any():
         b, p = divmod(int(excess.argmax()), int(off_diagonal.sum()))
         j, i = off_diagonal.nonzero()[p].tolist()
-        raise AssertionError(f"‖∇(y_{j} − y_{i})‖ = {float(norms[b, j, i]):.6g} > K = {float(constants[j, i]):.6g}")
+        raise AssertionError(
+            f"‖∇(y_{j} − y_{i})‖ = {float(norms[b, j, i]):.6g} > K = {float(constants[j, i]):.6g}")
     return float((norms[:, off_diagonal] / constants[off_diagonal]).max())
 
 

@@ -106,7 +106,8 @@ def margin_to_runner_up(model, x, target):
 
 
 def pgd_l2(model, x, target, radius, steps=40, restarts=1, box=False, seed=0):
-    """L2 PGD minimising the margin of ``target`` within ``‖δ‖ ≤ radius`` (per row); returns the best δ and margin.
+    """L2 PGD minimising the margin of ``target`` within ``‖δ‖ ≤ radius`` (per row); returns the best δ and
+    margin.
 
     ``box``: keep ``x + δ`` in [0, 1]. The first run starts at 0, restarts at random points of the half-radius
     sphere.
