@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 from . import models  # noqa: F401  (timm registration)
 from .configuration_gloro import GloRoConfig
-from .image_processing import GloRoImageProcessor, gloro_image_processor
+from .image_processing import GloRoImageProcessor, gloro_image_processor, image_processor_for_config
 from .modeling_gloro import (
     GloRoCertificate,
     GloRoForImageClassification,
@@ -75,4 +75,5 @@ __all__ = [
     "CertificationRefusedError",
     "ReducedPrecisionError",
     "gloro_image_processor",
+    "image_processor_for_config",
 ]
