@@ -39,12 +39,14 @@ Convolutions (zero padding, any stride/dilation/groups), input ``n_h × n_w``
     side is used (``ÂÂᴴ`` or, with ``A_qᵀ`` in place of ``A_q``, ``ÂᴴÂ`` at ``−ν``: same spectrum). A real kernel
     gives ``G(−ν) = conj(G(ν))``, so half of the frequencies suffice; with a single tap ``G`` is constant.
 
-    **Verify rather than solve** (:func:`_verified_max_eigenvalue`): a few power iterations pick the
-    frequency with the largest ``λ_max``, one eigen-solve there sets the threshold ``T`` just above it, and
-    every frequency is then *verified* by a float64 Cholesky factorisation of ``T·I − G(ν)`` (about six times
-    cheaper than an eigen-solve). Frequencies that fail get an eigen-solve, a larger threshold, and are
-    verified again. The certificate rests on the Cholesky factorisations only; eigen-solves and power
-    iterations merely choose ``T``.
+    **Verify rather than solve** (:func:`_verified_max_eigenvalue`). Every frequency is *verified* below a
+    threshold ``T`` by a float64 Cholesky factorisation of ``T·I − G(ν)`` (several times cheaper than an
+    eigen-solve); the certificate rests on these factorisations only. Choosing ``T``: a few power iterations
+    per frequency pick a candidate, one eigen-solve there gives ``T₀ = λ·(1 + 10⁻⁴)``; the (usually few)
+    frequencies that fail ``T₀`` are searched by raising and then bisecting the threshold (factorising only
+    those), and the last one or two are eigen-solved and verified just above their eigenvalue. So the
+    result is at most ``(1 + 10⁻⁴)·max_ν λ_max(G(ν))`` (``5·10⁻⁵`` in the norm) plus rounding terms. Gram
+    matrices up to 64×64 (and constant symbols) are simply eigen-solved at every frequency, then verified.
 
 Error model of the convolution bound (``u = 2⁻⁵³``, ``γ_k = k·u/(1 − k·u)``; every term is added explicitly)
     1. *Formation of G.* Every entry of ``G(ν)`` is a sum over tap pairs of products of kernel entries times
@@ -53,8 +55,8 @@ Error model of the convolution bound (``u = 2⁻⁵³``, ``γ_k = k·u/(1 − k�
        has an exact integer ``k`` reduced modulo ``M_h M_w``; its two roundings and those of ``cos``/``sin``
        (libm/SLEEF, ≤ 4 ulp) give an absolute error ``≤ 32u`` in each coefficient. The combination is a sum
        of ``2|H| + 1`` terms (``γ_{2|H|+1}``, real and imaginary parts in one GEMM). Real and imaginary parts
-       each err by at most ``c·u·W`` with ``c = m + 2|H| + 41`` (first order; doubled for the higher-order terms) and ``W = Σ_{q,q'}|A_q||A_q'|ᵀ =
-       ĀĀᵀ``, ``Ā = Σ_q |A_q|``, hence ``‖Ĝ − G‖₂ ≤ ‖|ΔG|‖₂ ≤ ε_form := 4c·u·‖Ā‖_F²·(1 + 10⁻⁶)``, the last factor
+       each err by at most ``c·u·W`` with ``c = m + 2|H| + 41`` (first order; doubled for the higher-order
+       terms) and ``W = Σ_{q,q'}|A_q||A_q'|ᵀ = ĀĀᵀ``, ``Ā = Σ_q |A_q|``, hence ``‖Ĝ − G‖₂ ≤ ‖|ΔG|‖₂ ≤ ε_form := 4c·u·‖Ā‖_F²·(1 + 10⁻⁶)``, the last factor
        covering the float64 evaluation of ``‖Ā‖_F²`` (``≤ γ_{n·n'}`` relative).
     2. *Verification.* ``Ã = fl(T·I − Ĝ)`` differs from ``T·I − Ĝ`` only on the diagonal, by ``≤ u·Ã_ii``.
        LAPACK factors the Hermitian matrix given by ``Ã``'s lower triangle (``Ĝ``'s diagonal is real: the
@@ -68,7 +70,10 @@ Error model of the convolution bound (``u = 2⁻⁵³``, ``γ_k = k·u/(1 − k�
 
        This a-priori form depends only on ``T`` (not on which frequency was verified when), so the result
        does not depend on the path taken or the thread count beyond the last bits of ``T``.
-    3. ``fl(sqrt(x)) ≥ sqrt(x)(1 − u)``: the square root is multiplied by ``1 + 2u``.
+    3. ``fl(sqrt(x)) ≥ sqrt(x)(1 − u)``: the square root is multiplied by ``1 + 2u``. The kernel is first
+       multiplied by ``2^−e`` (exact) so that its largest entry is in ``[1, 2)``, and the result by ``2^e``
+       (exact): no intermediate overflows, and underflow (≤ ``2^−1021`` absolute per operation, with or
+       without flush-to-zero) is covered by an absolute term in ``ε_form``.
     4. Finally ``inflate`` multiplies by ``1 + BOUND_RELATIVE_SLACK`` and rounds *up* to 9 significant
        digits (reproducibility across thread counts). For a 512-channel 3×3 layer the terms above total
        ``≈ 1e-9`` relative, three orders of magnitude below that slack.
@@ -227,10 +232,14 @@ class _SymbolGram:
             self.basis = basis.reshape(basis.shape[0], 2 * n * n)
         else:  # a single tap: G = P_0 at every frequency, real
             self.basis = product(zero).reshape(1, n * n)
+        if not torch.isfinite(self.basis).all() or float(self.basis.abs().max()) > 2.0**900:
+            raise ValueError("kernel too large for a float64 bound")  # unreachable after the 2^e scaling
         magnitude = taps.abs().sum(dim=0)  # Ā = Σ_q |A_q|
         abar_fro2 = float((magnitude * magnitude).sum())
         c = self.inner_length + 2 * len(self.offsets) + 41
-        self.formation_error = 4.0 * c * _UNIT * abar_fro2 * (1.0 + 1e-6)  # ε_form
+        # ε_form, plus an absolute 2^-1021 per operation for underflow (n·m·c operations per entry, far more
+        # than enough; the kernel is scaled to entries in [1, 2) first, so this term is negligible).
+        self.formation_error = 4.0 * c * _UNIT * abar_fro2 * (1.0 + 1e-6) + n * n * c * self.inner_length * 2.0**-1021
         # Every λ_max(G(ν)) ≥ max_i Σ_q ‖row_i(A_q)‖² (the frequency average of G_ii) ≥ ‖Ā‖_F²/(n·Q):
         # a scale for the threshold's absolute floor that never exceeds the answer.
         self.scale = abar_fro2 / (n * len(positions))
@@ -276,9 +285,10 @@ def _cholesky_fails(grams: torch.Tensor, threshold: float) -> torch.Tensor:
     """Indices of the matrices for which ``T·I − Ĝ`` is *not* verified positive definite (overwrites ``grams``)."""
     matrices = grams.neg_()
     matrices.diagonal(dim1=-2, dim2=-1).add_(threshold)
-    factor, info = torch.linalg.cholesky_ex(matrices)
-    bad = (info != 0) | ~torch.isfinite(factor.real).all(dim=-1).all(dim=-1)
-    return bad.nonzero().reshape(-1)
+    # The input is finite (checked on the basis, see _SymbolGram), so LAPACK's success (info = 0: every
+    # pivot positive, none NaN) is the hypothesis of Higham's Thm 10.5.
+    _, info = torch.linalg.cholesky_ex(matrices)
+    return (info != 0).nonzero().reshape(-1).cpu()  # the frequency index tensors live on the CPU
 
 
 #: Work done by the last :func:`conv2d_spectral_norm_bound` call (for benchmarks and tests).
@@ -407,6 +417,14 @@ def conv2d_spectral_norm_bound(
     big_h = circular_embedding_size(nh, kh, sh, ph, dh)
     big_w = circular_embedding_size(nw, kw, sw, pw, dw)
     torus = (big_h // sh, big_w // sw)
+    # Scale by a power of two (exact) so that the largest entry lies in [1, 2): nothing can overflow and
+    # underflow is confined to entries far below the result. The norm scales back exactly.
+    largest = float(k.abs().max())
+    if largest == 0.0:
+        return 0.0
+    exponent = math.frexp(largest)[1] - 1
+    half = -exponent // 2
+    k = k * 2.0**half * 2.0 ** (-exponent - half)  # two exact power-of-two factors (no 2^±1074 overflow)
     out_per_group = c_out // groups
     last_call_stats.clear()
     best = 0.0
@@ -416,4 +434,6 @@ def conv2d_spectral_norm_bound(
             continue  # a zero group has norm 0 exactly
         positions, taps = _polyphase_taps(group, (sh, sw), (dh, dw))
         best = max(best, _verified_max_eigenvalue(_SymbolGram(taps, positions, torus)))
-    return inflate(math.sqrt(best) * (1.0 + 2 * _UNIT))
+    # Entries that underflowed in the scaling moved by ≤ 2^-1074 each: ≤ numel·2^-1074 in operator norm.
+    sigma = math.sqrt(best) * (1.0 + 2 * _UNIT) + k.numel() * 2.0**-1074
+    return inflate(math.ldexp(sigma, exponent))
