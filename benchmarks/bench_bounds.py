@@ -56,6 +56,7 @@ def load_old_bound(rev: str):
 
 
 def fresh(name: str):
+    torch.set_num_threads(1)  # the initialisation (QR) must not depend on the thread count of the last run
     torch.manual_seed(0)
     return timm.create_model(name, num_classes=0).eval()
 
