@@ -119,7 +119,7 @@ def test_card_model_index_reloads_with_vra_per_radius(model, evaluation, tmp_pat
     assert "float64" in text and "circular" in text and "product over the chain" in text
     assert "40 Adam steps on MNIST" in text
     assert 'GloRoForImageClassification.from_pretrained("gloro-org/mnist")' in text and "model.certify(" in text
-    assert "L2 only" in text and "float32 rounding" in text and "preprocessing outside the model" in text
+    assert "L2 only" in text and "rounding error of the forward pass" in text and "preprocessing outside the model" in text
     assert "![Certified accuracy vs. L2 radius](certified_accuracy.png)" in text
 
 
