@@ -40,6 +40,7 @@ from torch import nn
 
 from .bounded import RoundingModel
 from .float_error import NORM_SLACK, ChainTrace, ball_deviation_float64, run_chain
+from .margins import _predicted
 from .numerics import SMALLEST_NORMAL, UNIT_ROUNDOFF, gamma
 
 
@@ -83,8 +84,7 @@ def _pair_terms(logits: torch.Tensor, trace: ChainTrace, constants: ChainConstan
     dtype = logits.dtype
     u, smallest = UNIT_ROUNDOFF[dtype], SMALLEST_NORMAL[dtype]
     y = logits.detach().to(torch.float64)
-    predictions = y.argmax(dim=-1)
-    mask = torch.zeros_like(y, dtype=torch.bool).scatter_(-1, predictions[:, None], True)
+    predictions, mask = _predicted(y)
     device = y.device
     distances = head.distances.to(device)[predictions]  # (B, m): ‖ŵ_j − ŵ_i‖
     abs_bias = head.abs_bias.to(device)
@@ -121,7 +121,7 @@ def _radius(numerator: torch.Tensor, denominator: torch.Tensor, mask: torch.Tens
     return (radius * (1.0 - 1e-12)).clamp_min(0.0)
 
 
-def _evaluate(constants: ChainConstants, head: nn.Module, x: torch.Tensor, epsilon, a_posteriori: bool = False):
+def _evaluate(constants: ChainConstants, head: nn.Module, x: torch.Tensor, a_posteriori: bool = False):
     trace = run_chain(constants.leaves, constants.lipschitz, constants.rounding, x, a_posteriori)
     logits = head(trace.output)
     predictions, mask, low, high, ball_constant, denominator = _pair_terms(logits, trace, constants)
@@ -168,7 +168,7 @@ def certify_inputs(constants: ChainConstants, head: nn.Module, x: torch.Tensor,
     """
     if torch.is_tensor(epsilon) and epsilon.ndim:
         epsilon = epsilon.to(device=x.device, dtype=torch.float64)
-    logits, predictions, radius, best_possible, decided = _evaluate(constants, head, x, epsilon)
+    logits, predictions, radius, best_possible, decided = _evaluate(constants, head, x)
     certified = radius > epsilon
     open_rows = (~certified & (best_possible > epsilon)) | ~decided
     float64_rows = torch.zeros_like(certified)
@@ -180,7 +180,7 @@ def certify_inputs(constants: ChainConstants, head: nn.Module, x: torch.Tensor,
         eps_rows = epsilon[rows] if torch.is_tensor(epsilon) and epsilon.ndim else epsilon
         with torch.no_grad():
             stage_logits, stage_predictions, stage_radius, stage_best, stage_decided = _evaluate(
-                constants, head, x[rows].detach().to(dtype), eps_rows, a_posteriori)
+                constants, head, x[rows].detach().to(dtype), a_posteriori)
         predictions = predictions.index_copy(0, rows, stage_predictions)
         radius = radius.index_copy(0, rows, stage_radius)
         target = (round_keeping_argmax(stage_logits, stage_predictions, logits.dtype)
