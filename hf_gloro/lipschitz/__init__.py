@@ -26,6 +26,7 @@ from .head import GloRoHead
 from .linear import LipschitzLinear
 from .margins import bottom_logit, certify_logits, gloro_logits, pairwise_row_distances
 from .normalization import InputNormalization
+from .orthogonal import CholeskyOrthogonalLinear, cholesky_orthogonalize, orthogonal_mlp
 from .numerics import BOUND_RELATIVE_SLACK, certification_numerics, content_digest, exact_matmul
 from .pooling import LipschitzAvgPool2d
 from .residual import LinearResidualConv2d, liresnet_residual_scale
@@ -33,6 +34,7 @@ from .spectral_bounds import conv2d_spectral_norm_bound, dense_spectral_norm_bou
 
 __all__ = [
     "BOUND_RELATIVE_SLACK",
+    "CholeskyOrthogonalLinear",
     "CertificationResult",
     "ChainConstants",
     "ConstantLipschitz",
@@ -53,6 +55,7 @@ __all__ = [
     "certification_numerics",
     "certify_inputs",
     "chain_leaves",
+    "cholesky_orthogonalize",
     "check_bounded_forward",
     "content_digest",
     "certify_logits",
@@ -65,6 +68,7 @@ __all__ = [
     "liresnet_residual_scale",
     "lipschitz_estimate",
     "lipschitz_upper_bound",
+    "orthogonal_mlp",
     "pairwise_row_distances",
     "product_upper_bound",
     "settings_signature",
