@@ -9,43 +9,43 @@ from .bounded import ConstantLipschitz
 
 
 class _SortPairs(torch.autograd.Function):
-    """``[max(a, b), min(a, b)]`` with a one-``where`` backward.
+    """``[max(a, b), min(a, b)]`` for the channel halves ``a, b`` of ``x``, with a one-``where`` backward.
 
     The values are exactly those of ``torch.maximum``/``torch.minimum`` (a comparison and copies), so the
     certificate's "MinMax is exact in floating point" holds. Autograd's own ``maximum``/``minimum`` backward
-    spends ~6 elementwise passes per pair (tie masks, ``masked_fill``) and keeps both inputs alive; this keeps one
-    boolean mask and routes each gradient to the entry that won (a tie goes to ``a``: a valid subgradient).
+    spends ~6 elementwise passes per pair (tie masks, ``masked_fill``, zero-filled slices of ``x``'s gradient)
+    and keeps both inputs alive; this keeps one boolean mask and routes each gradient to the entry that won
+    (a tie goes to ``a``: a valid subgradient).
     """
 
     generate_vmap_rule = True  # torch.func.jacrev / vmap work through it
 
     @staticmethod
-    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, b = inputs
+        (x,) = inputs
+        a, b = x.chunk(2, dim=1)
         mask = a >= b
         ctx.save_for_backward(mask)
         ctx.mask_for_forward = mask
 
     @staticmethod
-    def _route(mask: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.where(mask, top, bottom), torch.where(mask, bottom, top)
+    def _route(mask: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
+        first, second = incoming.chunk(2, dim=1)
+        return torch.cat([torch.where(mask, first, second), torch.where(mask, second, first)], dim=1)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (mask,) = ctx.saved_tensors
-        top, bottom = grad.chunk(2, dim=1)
-        return _SortPairs._route(mask, top, bottom)
+        return _SortPairs._route(mask, grad)
 
     @staticmethod
-    def jvp(ctx, tangent_a: torch.Tensor, tangent_b: torch.Tensor) -> torch.Tensor:
-        mask = ctx.mask_for_forward
-        tangent_a = torch.zeros_like(mask, dtype=tangent_b.dtype) if tangent_a is None else tangent_a
-        tangent_b = torch.zeros_like(tangent_a) if tangent_b is None else tangent_b
-        return torch.cat(_SortPairs._route(mask, tangent_a, tangent_b), dim=1)
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return _SortPairs._route(ctx.mask_for_forward, tangent)
 
 
 class MinMax(ConstantLipschitz, nn.Module):
@@ -62,9 +62,9 @@ class MinMax(ConstantLipschitz, nn.Module):
         channels = x.shape[1]
         if channels % 2:
             raise ValueError(f"MinMax needs an even number of channels, got {channels}")
-        a, b = x[:, : channels // 2], x[:, channels // 2 :]
         if torch.is_grad_enabled() and x.requires_grad:
-            return _SortPairs.apply(a, b)
+            return _SortPairs.apply(x)
+        a, b = x[:, : channels // 2], x[:, channels // 2 :]
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
     _bounded_forward = forward
