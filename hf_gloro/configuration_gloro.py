@@ -12,6 +12,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .models import LIPSCHITZ_BACKBONES
+from .models.adapted import ADAPTATION_OPTIONS, normalize_adaptation
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,21 @@ class GloRoConfig(PreTrainedConfig):
     images in [0, 1]).
 
     Args:
-        backbone (`str`): name of a Lipschitz backbone in timm's registry (``gloro_2c2f``,
-            ``liresnet_l12w512``, ...; see ``timm.list_models("gloro*")``).
-        backbone_kwargs (`dict`, *optional*): extra keyword arguments for ``timm.create_model``.
+        backbone (`str`): a timm model name. Either a native Lipschitz backbone of this package (``gloro_2c2f``,
+            ``liresnet_l12w512``, ...; ``hf_gloro.models.LIPSCHITZ_BACKBONES``), or **any other timm model**
+            (``resnet18``, ``vgg11_bn``, ``convnext_atto``, ...), which is then *adapted*: built without its
+            classifier, modified as ``adaptation`` says and bounded through its ``torch.fx`` graph
+            (:mod:`hf_gloro.models.adapted`).
+        backbone_kwargs (`dict`, *optional*): extra keyword arguments for ``timm.create_model`` (e.g.
+            ``{"channels": [16, 32, 64, 128]}`` for a narrow ResNet).
+        adaptation (`dict`, *optional*): options for an adapted backbone, filled with their defaults (the
+            saved config records every option); must be ``None`` for a native backbone. Keys and values:
+            ``activation`` ``"minmax"`` (default) | ``"relu"`` | ``"keep"``; ``batchnorm`` ``"keep"`` (default:
+            eval-mode BatchNorm in the certificate, running statistics in the training estimate) | ``"center"``
+            (mean-only, 1-Lipschitz) | ``"remove"``; ``layernorm`` ``"batchnorm"`` (default) | ``"center"`` |
+            ``"remove"`` (LayerNorm has no global bound and is always replaced); ``stem`` ``"keep"`` (default) |
+            ``"cifar"`` (ResNet: 3×3 stride-1 first conv, no max pool); ``pool`` ``"avg"`` (default) |
+            ``"flatten"``; ``init`` ``"orthogonal"`` (default) | ``"timm"``.
         num_channels (`int`): input channels (1 for MNIST, 3 for RGB).
         image_size (`int`): input height = width; the backbone's bound is computed at this size.
         epsilon (`float`): certifying L2 radius, in the pixel scale ([0, 1] images). Must be > 0.
@@ -73,6 +86,8 @@ class GloRoConfig(PreTrainedConfig):
     >>> import hf_gloro
     >>> config = hf_gloro.GloRoConfig(backbone="gloro_2c2f", num_channels=1, image_size=28, epsilon=0.3)
     >>> model = hf_gloro.GloRoForImageClassification(config)
+    >>> adapted = hf_gloro.GloRoConfig(backbone="resnet18", num_channels=3, image_size=32, epsilon=36 / 255,
+    ...                                num_labels=10, adaptation={"stem": "cifar", "batchnorm": "center"})
     ```
     """
 
@@ -80,6 +95,7 @@ class GloRoConfig(PreTrainedConfig):
 
     backbone: str = "gloro_2c2f"
     backbone_kwargs: dict[str, Any] | None = None
+    adaptation: dict[str, Any] | None = None
     num_channels: int = 1
     image_size: int = 28
     epsilon: float | int = 0.3
@@ -117,6 +133,13 @@ class GloRoConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self._reject_unknown(kwargs)
+        if (self.backbone not in LIPSCHITZ_BACKBONES and timm.is_model(self.backbone)
+                and (self.adaptation is None or isinstance(self.adaptation, dict))):
+            # Adapted backbone: record every option, so a later change of a default cannot change a saved model.
+            try:
+                self.adaptation = normalize_adaptation(self.adaptation)
+            except ValueError:
+                pass  # validate_backbone reports it
         if getattr(self, "id2label", None) is None and "num_labels" not in kwargs:
             # Without labels, default to the backbone's dataset (10 MNIST/CIFAR classes, 200 Tiny-ImageNet).
             kwargs["num_labels"] = _backbone_num_classes(self.backbone)
@@ -132,11 +155,29 @@ class GloRoConfig(PreTrainedConfig):
         if isinstance(self.epsilon, bool) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
             raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
 
+    @property
+    def is_adapted(self) -> bool:
+        """Whether ``backbone`` is a timm model adapted by :mod:`hf_gloro.models.adapted` (not a native one)."""
+        return self.backbone not in LIPSCHITZ_BACKBONES
+
     def validate_backbone(self):
-        if self.backbone not in LIPSCHITZ_BACKBONES or not timm.is_model(self.backbone):
-            known = ", ".join(sorted(LIPSCHITZ_BACKBONES))
-            kind = "is not a Lipschitz-bounded backbone" if timm.is_model(self.backbone) else "is unknown"
-            raise ValueError(f"backbone {self.backbone!r} {kind}; registered Lipschitz backbones: {known}")
+        if not timm.is_model(self.backbone):
+            close = difflib.get_close_matches(self.backbone, sorted(LIPSCHITZ_BACKBONES | set(timm.list_models())),
+                                              n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"backbone {self.backbone!r} is unknown (not a timm model){hint}")
+        if self.backbone in LIPSCHITZ_BACKBONES:
+            if self.adaptation is not None:
+                raise ValueError(f"backbone {self.backbone!r} is a native Lipschitz backbone; adaptation must be None")
+        else:
+            normalize_adaptation(self.adaptation)  # one-line errors for unknown options
+
+    def adaptation_description(self) -> str | None:
+        """``"adapted timm resnet18 (activation=minmax, batchnorm=keep, ...)"``, or ``None`` for a native backbone."""
+        if not self.is_adapted:
+            return None
+        options = normalize_adaptation(self.adaptation)
+        return f"adapted timm {self.backbone} (" + ", ".join(f"{k}={options[k]}" for k in ADAPTATION_OPTIONS) + ")"
 
     def validate_shapes(self):
         if self.num_channels < 1:

@@ -12,6 +12,7 @@ One certification path: eval-mode :meth:`~GloRoForImageClassification.forward`,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -148,10 +149,16 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         for reserved in ("num_classes", "in_chans", "img_size", "pretrained"):
             kwargs.pop(reserved, None)
         self.normalization = InputNormalization(config.image_mean, config.image_std)
-        self.backbone = timm.create_model(
-            config.backbone, pretrained=False, num_classes=0, in_chans=config.num_channels,
-            img_size=config.image_size, **kwargs,
-        )
+        if config.is_adapted:
+            from .models.adapted import create_adapted_backbone
+
+            self.backbone = create_adapted_backbone(config.backbone, config.num_channels, config.image_size,
+                                                    config.adaptation, **kwargs)
+        else:
+            self.backbone = timm.create_model(
+                config.backbone, pretrained=False, num_classes=0, in_chans=config.num_channels,
+                img_size=config.image_size, **kwargs,
+            )
         if not hasattr(self.backbone, "lipschitz_upper_bound"):
             raise ValueError(f"backbone {config.backbone!r} is not a Lipschitz-bounded hf-gloro backbone")
         self.head = GloRoHead(self.backbone.num_features, config.num_labels,
@@ -297,7 +304,7 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
             # Evaluate a float64 model in float64 (exact widening of the input): the layers would otherwise round
             # their float64 weights to the input's float32, a different network than the one bounded.
             pixel_values = pixel_values.double()
-        with certification_numerics():
+        with certification_numerics(), _eval_mode(self):
             constants = self._certification_constants()
             result = certify_inputs(constants, self.head, pixel_values, epsilon)
         return result, constants
@@ -364,8 +371,9 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
     def certify(self, pixel_values: torch.Tensor, epsilon: float | None = None) -> GloRoCertificate:
         """Predictions, certificates and certified radii for a batch: float-sound, from the guaranteed bound.
 
-        Works in train or eval mode without changing either (the backbone has no mode-dependent layers, and no
-        power iteration runs). Raises :class:`ReducedPrecisionError` under ``torch.autocast`` or for fp16/bf16
+        Works in train or eval mode without changing either: certification runs every module in eval mode (the
+        network the bound describes: BatchNorm of adapted backbones with running statistics) and restores the
+        modes; no power iteration runs. Raises :class:`ReducedPrecisionError` under ``torch.autocast`` or for fp16/bf16
         weights or inputs, ``ValueError`` for pixel values outside [0, 1] (see ``config.check_input_range``) and
         :class:`CertificationRefusedError` while forward hooks are registered.
         """
@@ -441,6 +449,24 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
 
                 write_remote_code(save_directory)
         return result
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Every sub-module in eval mode while certifying, restored afterwards.
+
+    The bound describes the eval-mode network (BatchNorm with running statistics, dropout off); a module left in
+    training mode would compute another function (batch statistics) and update its statistics. Native backbones
+    have no mode-dependent layers, so for them this changes nothing.
+    """
+    training = [module for module in model.modules() if module.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 _WARNED: set[str] = set()

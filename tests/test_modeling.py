@@ -46,7 +46,7 @@ def test_timm_create_model_features_and_bound(name, in_chans, size):
 # --- config ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad,message", [
     (dict(epsilon=0.0), "epsilon"), (dict(epsilon=-0.1), "epsilon"), (dict(epsilon=float("nan")), "epsilon"),
-    (dict(backbone="resnet_does_not_exist"), "is unknown"), (dict(backbone="resnet18"), "not a Lipschitz"), (dict(image_mean=[0.1, 0.2]), "image_mean"),
+    (dict(backbone="resnet_does_not_exist"), "is unknown"), (dict(backbone="resnet18", adaptation={"activation": "tanh"}), "activation"), (dict(image_mean=[0.1, 0.2]), "image_mean"),
     (dict(image_std=[0.0]), "image_std"), (dict(num_channels=0), "num_channels"),
     (dict(lipschitz_constant=-1.0), "lipschitz_constant"),
 ])
