@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,6 +129,41 @@ def layer_rounding_error_a_posteriori(leaf: torch.nn.Module, model: RoundingMode
     return g * activation_norms(absolute) / (1.0 - g) + underflow
 
 
+class CompositeRounding:
+    """The rounding model of a *composite* leaf (a :class:`~hf_gloro.lipschitz.graph.LipschitzGraph`): a leaf whose
+    floating-point behaviour is not one affine map but a graph of them, propagated node by node.
+
+    ``propagate(leaf, z, norm, deviation, a_posteriori)`` evaluates the leaf on the computed input ``z`` (in ``z``'s
+    dtype) with ``norm ≥ ‖z‖`` and ``deviation ≥ ‖z − z_exact‖`` and returns ``(output, output_norm,
+    output_deviation, detail)``; ``ball(detail, c, s, product)`` maps the float64 ball deviation ``c + s·r`` of its
+    input (``product`` bounds the Lipschitz constant of everything before it) to that of its output, using
+    ``detail`` (what ``propagate`` measured at ``x``). :func:`run_chain` and :func:`ball_deviation_float64` call
+    these for composite leaves; a plain chain never does, so its numbers are unchanged.
+    """
+
+    exact = False
+
+    def propagate(self, leaf, z, norm, deviation, a_posteriori):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def ball(self, detail, c, s, product):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def affine_ball_step(model: RoundingModel, bound: float, shape, exact_norm: torch.Tensor, c: torch.Tensor,
+                     s: torch.Tensor, product: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One affine layer of :func:`ball_deviation_float64`: ``(c, s) ↦ (L·c + constant, L·s + slope)`` for a layer
+    with Lipschitz bound ``bound`` whose exact input has norm ``≤ exact_norm + product·r`` in the ball."""
+    u, smallest = UNIT_ROUNDOFF[torch.float64], SMALLEST_NORMAL[torch.float64]
+    g = gamma(model.fan_in + 1, u)
+    elements = math.prod(shape)
+    positions = elements // shape[0] if len(shape) > 1 and shape[0] else 1
+    constant = g * (model.abs_norm * (exact_norm + c) + model.bias_norm * math.sqrt(positions))
+    constant = constant + 2.0 * math.sqrt(elements) * (model.fan_in + 1) * smallest
+    slope = g * model.abs_norm * (product + s)
+    return bound * c + constant * (1.0 + NORM_SLACK), bound * s + slope * (1.0 + NORM_SLACK)
+
+
 @dataclass
 class ChainTrace:
     """What :func:`run_chain` measured along one evaluation of a chain (all per sample, float64).
@@ -140,6 +175,7 @@ class ChainTrace:
     norms: list[torch.Tensor]
     deviations: list[torch.Tensor]
     shapes: list[torch.Size]  # per-sample output shape of every layer
+    details: list = field(default_factory=list)  # per layer: what a composite leaf measured (None otherwise)
 
 
 def run_chain(leaves: Sequence[torch.nn.Module], lipschitz: Sequence[float], rounding: Sequence[RoundingModel],
@@ -153,9 +189,18 @@ def run_chain(leaves: Sequence[torch.nn.Module], lipschitz: Sequence[float], rou
     """
     norm = activation_norms(x)
     deviation = torch.zeros_like(norm)
-    norms, deviations, shapes = [norm], [deviation], []
+    norms, deviations, shapes, details = [norm], [deviation], [], []
     z = x
     for leaf, bound, model in zip(leaves, lipschitz, rounding):
+        if isinstance(model, CompositeRounding):
+            output, out_norm, deviation, detail = model.propagate(leaf, z, norm, deviation, a_posteriori)
+            z, norm = output, out_norm
+            norms.append(norm)
+            deviations.append(deviation)
+            shapes.append(output.shape[1:])
+            details.append(detail)
+            continue
+        details.append(None)
         output = leaf(z)
         if model.exact:
             out_norm = norm
@@ -168,7 +213,7 @@ def run_chain(leaves: Sequence[torch.nn.Module], lipschitz: Sequence[float], rou
         norms.append(norm)
         deviations.append(deviation)
         shapes.append(output.shape[1:])
-    return ChainTrace(z, norms, deviations, shapes)
+    return ChainTrace(z, norms, deviations, shapes, details)
 
 
 def ball_deviation_float64(trace: ChainTrace, lipschitz: Sequence[float], rounding: Sequence[RoundingModel]
@@ -179,21 +224,16 @@ def ball_deviation_float64(trace: ChainTrace, lipschitz: Sequence[float], roundi
     ``‖x' − x‖ ≤ r``: the float64 features deviate from the exact ones by at most ``c + s·r``, and the exact
     features have norm at most ``S_L + Π_L·r``.
     """
-    u, smallest = UNIT_ROUNDOFF[torch.float64], SMALLEST_NORMAL[torch.float64]
     c = torch.zeros_like(trace.norms[0])
     s = torch.zeros_like(c)
     product = 1.0
+    details = trace.details or [None] * len(trace.shapes)
     for index, (bound, model, shape) in enumerate(zip(lipschitz, rounding, trace.shapes)):
         exact_norm = trace.norms[index] + trace.deviations[index]  # S_{ℓ−1} ≥ ‖z_{ℓ−1}(x)‖
-        if not model.exact:
-            g = gamma(model.fan_in + 1, u)
-            elements = math.prod(shape)
-            positions = elements // shape[0] if len(shape) > 1 and shape[0] else 1
-            constant = g * (model.abs_norm * (exact_norm + c) + model.bias_norm * math.sqrt(positions))
-            constant = constant + 2.0 * math.sqrt(elements) * (model.fan_in + 1) * smallest
-            slope = g * model.abs_norm * (product + s)
-            c = bound * c + constant * (1.0 + NORM_SLACK)
-            s = bound * s + slope * (1.0 + NORM_SLACK)
+        if isinstance(model, CompositeRounding):
+            c, s = model.ball(details[index], c, s, product)
+        elif not model.exact:
+            c, s = affine_ball_step(model, bound, shape, exact_norm, c, s, product)
         product *= bound
     exact_features = trace.norms[-1] + trace.deviations[-1]
     return c, s, exact_features, torch.full_like(c, product * (1.0 + 4 * len(lipschitz) * 2.0**-53))
