@@ -23,6 +23,7 @@ from .composition import (
 )
 from .conv import LipschitzConv2d
 from .head import GloRoHead
+from .graph import GraphBoundReport, LipschitzGraph, graph_lipschitz_bound, graph_lipschitz_estimate
 from .linear import LipschitzLinear
 from .margins import bottom_logit, certify_logits, gloro_logits, pairwise_row_distances
 from .normalization import InputNormalization
@@ -40,11 +41,13 @@ __all__ = [
     "ConstantLipschitz",
     "Flatten",
     "GloRoHead",
+    "GraphBoundReport",
     "InputNormalization",
     "LinearResidualConv2d",
     "LipschitzAvgPool2d",
     "LipschitzBounded",
     "LipschitzConv2d",
+    "LipschitzGraph",
     "LipschitzLinear",
     "LipschitzSequential",
     "MinMax",
@@ -65,6 +68,8 @@ __all__ = [
     "dense_spectral_norm_bound",
     "exact_matmul",
     "gloro_logits",
+    "graph_lipschitz_bound",
+    "graph_lipschitz_estimate",
     "liresnet_residual_scale",
     "lipschitz_estimate",
     "lipschitz_upper_bound",
