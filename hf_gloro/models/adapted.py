@@ -337,7 +337,11 @@ class AdaptedBackbone(LipschitzBackbone):
 
         super().__init__()
         options = normalize_adaptation(adaptation)
-        target = torch.empty(()).device  # `meta` while transformers' from_pretrained builds the skeleton
+        # Under transformers' from_pretrained the default device is `meta`; the graph bound's construction evaluates
+        # the trunk on a sample input, so the trunk is always materialised (on the CPU then; the checkpoint's
+        # tensors are loaded into it afterwards).
+        target = torch.empty(()).device
+        target = torch.device("cpu") if target.type == "meta" else target
         for reserved in ("num_classes", "in_chans", "pretrained", "features_only"):
             kwargs.pop(reserved, None)
         build_device = torch.device("meta") if options["init"] == "orthogonal" else target
@@ -348,15 +352,15 @@ class AdaptedBackbone(LipschitzBackbone):
         adapt_modules(model, options, name)
         trunk = trace_trunk(model, options["pool"], options, name)
         shape = _output_shape(trunk, (in_chans, img_size, img_size))
-        if build_device != target:
-            trunk = trunk.to_empty(device=target)
-            if target.type != "meta":
-                orthogonal_initialise(trunk)
         if len(shape) != 1:
             raise ValueError(f"{name!r}: the trunk's output has shape {shape}, expected a flat feature vector")
         from ..lipschitz.graph import LipschitzGraph
 
-        self.features = LipschitzSequential(LipschitzGraph(trunk, (in_chans, img_size, img_size)))
+        with torch.device(target):
+            if build_device != target:
+                trunk = trunk.to_empty(device=target)
+                orthogonal_initialise(trunk)
+            self.features = LipschitzSequential(LipschitzGraph(trunk, (in_chans, img_size, img_size)))
         self.num_features = int(shape[0])
         self.in_chans, self.img_size = in_chans, img_size
         self.adaptation = options
@@ -366,8 +370,7 @@ class AdaptedBackbone(LipschitzBackbone):
     @property
     def trunk(self) -> nn.Module:
         """The traced, adapted timm trunk (what the graph leaf runs)."""
-        graph = self.features[0]
-        return getattr(graph, "module", graph)
+        return self.features[0].graph_module
 
 
 def _output_shape(trunk: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int, ...]:
