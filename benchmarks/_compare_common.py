@@ -290,6 +290,21 @@ def machine_line(info: dict) -> str:
             f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min), {info['date_utc']} UTC")
 
 
+class Clock:
+    """Wall and CPU seconds of a block. ``cpu`` is the calling thread's CPU time (``time.thread_time``): with one
+    torch thread all tensor work runs in the calling thread, so ``cpu`` measures the work itself and does not
+    grow when other jobs share the machine (the wall time does). Figures in the results are per CPU second
+    unless a column says wall."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.thread_time() - self._cpu
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
