@@ -270,15 +270,19 @@ def evaluate_model(name: str, path: str, args, limits: dict, batches: dict) -> d
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# GloRo certificate vs local bounds (auto_LiRPA {results['auto_lirpa_version']})", "",
+    title = "GloRo certificate vs local bounds"
+    lines = [f"# {title} (auto_LiRPA {results['auto_lirpa_version']})"
+             + (" — partial: the run was still going" if results.get("partial") else ""), "",
              common.machine_line(results["machine"]) + f" (load after: {results['load_after']})", "",
-             f"Command: `{results['command']}`", ""]
+             f"Command: `{results['command']}`", "",
+             "Throughput is per CPU second of the measuring thread (one torch thread), so other jobs on the "
+             "machine do not distort it; wall seconds are in the JSON.", ""]
     for model in results["models"]:
         lines += [f"## {model['name']}: `{model['backbone']}`, {model['dataset']}, L2 ε = {model['epsilon']:.4g}",
                   "", f"Guaranteed Lipschitz bound {model['lipschitz_constant']:.4g}; clean accuracy "
                   f"{model['clean_accuracy']:.4f}; exported network matches the model's logits to "
                   f"{model['export_max_abs_error']:.1e}.", "",
-                  "| method | images | images/s | GloRo faster by | certified | VRA | GloRo certified (same images) "
+                  "| method | images | images / CPU s | GloRo faster by | certified | VRA | GloRo certified (same images) "
                   "| certified by local only | by GloRo only | union | peak memory (MB) / image |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in model["rows"]:
@@ -335,8 +339,23 @@ def main() -> None:
     mnist_batches = {"IBP": 256, "CROWN": 32, "alpha-CROWN": 10}
     started = time.perf_counter()
     models = []
+    ce_seconds = None
+    stem = "local_bounds_quick" if args.quick else "local_bounds"
+
+    def save(final: bool):
+        """Write the results so far (every model as it completes; ``partial`` until the last)."""
+        results = {"machine": info, "load_after": [round(v, 2) for v in os.getloadavg()],
+                   "auto_lirpa_version": getattr(auto_lirpa, "__version__", "0.3"), "quick": args.quick,
+                   "partial": not final,
+                   "command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
+                   "alpha_iterations": args.alpha_iterations, "ce_training_seconds": ce_seconds,
+                   "wall_seconds": time.perf_counter() - started, "models": models}
+        text = markdown(results)
+        return text, common.write_results(stem, text, results, args.out_dir)
+
     print("GloRo-trained MNIST model", flush=True)
     models.append(evaluate_model("GloRo-trained", args.mnist_model, args, mnist_limits, mnist_batches))
+    save(final=False)
     print(f"cross-entropy contrast model ({args.ce_epochs:.3g} epochs)", flush=True)
     ce_start = time.perf_counter()
     ce_path = train_cross_entropy(args.mnist_model, args.dataset_dir, args.ce_epochs)
@@ -344,20 +363,14 @@ def main() -> None:
     models.append(evaluate_model(f"cross-entropy-trained ({args.ce_epochs:.3g} epochs, same architecture)", ce_path,
                                  args, mnist_limits, mnist_batches))
     if args.cifar_model:
+        save(final=False)
         print("CIFAR-10 model", flush=True)
         limits = {"GloRo": args.cifar_limit, "IBP": args.cifar_ibp_limit, "CROWN": args.cifar_crown_limit,
                   "alpha-CROWN": args.cifar_alpha_limit}
         models.append(evaluate_model("GloRo-trained", args.cifar_model, args, limits,
                                      {"IBP": 64, "CROWN": 1, "alpha-CROWN": 1}))
-    results = {"machine": info, "load_after": [round(v, 2) for v in os.getloadavg()],
-               "auto_lirpa_version": getattr(auto_lirpa, "__version__", "0.3"), "quick": args.quick,
-               "command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
-               "alpha_iterations": args.alpha_iterations, "ce_training_seconds": ce_seconds,
-               "wall_seconds": time.perf_counter() - started, "models": models}
-    text = markdown(results)
+    text, (md_path, json_path) = save(final=True)
     print("\n" + text)
-    md_path, json_path = common.write_results("local_bounds_quick" if args.quick else "local_bounds", text, results,
-                                              args.out_dir)
     print(f"wrote {md_path} and {json_path}")
 
 
