@@ -17,23 +17,47 @@ KNOWN_DATASETS = {
 }
 
 
-def load_image_dataset(name: str, split: str, dataset_dir: str | None = None):
+def load_image_dataset(name: str, split: str, dataset_dir: str | None = None, streaming: bool = False):
     """``datasets.load_dataset(name, split=split)``, or the same layout read from a local folder.
 
     ``dataset_dir`` may be the dataset's own folder (parquet shards) or a folder containing it under the
-    name listed in :data:`KNOWN_DATASETS` (e.g. ``../shared/data``).
+    name listed in :data:`KNOWN_DATASETS` (e.g. ``../shared/data``). ``name`` itself may also be a local folder
+    (e.g. a folder of parquet shards). ``streaming=True`` returns a ``datasets.IterableDataset`` that reads the
+    shards as it goes (no full local copy; works offline on local parquet files).
     """
     import datasets
 
     if dataset_dir is None:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split, streaming=streaming)
     folder = dataset_dir
     nested = os.path.join(dataset_dir, KNOWN_DATASETS.get(name, os.path.basename(name)))
     if os.path.isdir(nested):
         folder = nested
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"dataset folder {folder!r} does not exist")
-    return datasets.load_dataset(folder, split=split)
+    return datasets.load_dataset(folder, split=split, streaming=streaming)
+
+
+def label_names(dataset) -> list[str] | None:
+    """The class names of a dataset's ``ClassLabel`` column (``None`` for plain integer labels)."""
+    import datasets
+
+    feature = (dataset.features or {}).get(label_column(dataset))
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def check_same_label_space(names: Sequence[str], other, what: str = "extra_train_dataset") -> None:
+    """Raise a one-line ``ValueError`` unless ``other``'s labels are the class names ``names`` (same order)."""
+    other_names = label_names(other)
+    if other_names is None:
+        return  # integer labels: checked against the range when the rows are read
+    if list(other_names) != list(names):
+        differ = next((i for i, (a, b) in enumerate(zip(names, other_names)) if a != b), min(len(names),
+                                                                                             len(other_names)))
+        raise ValueError(
+            f"{what} has a different label space: {len(other_names)} classes vs {len(names)}, first difference at "
+            f"index {differ} ({other_names[differ] if differ < len(other_names) else '-'!r} vs "
+            f"{names[differ] if differ < len(names) else '-'!r}); it must use the same ClassLabel names in the same order")
 
 
 def image_column(dataset) -> str:
@@ -175,11 +199,110 @@ def train_validation_split(dataset, validation_size: int | float, seed: int = 0)
     return parts["train"], parts["test"]
 
 
-def add_index_column(dataset, name: str = "index"):
-    """Add the row number as a column (the key of :class:`PixelsTransform`'s deterministic augmentation)."""
+def add_index_column(dataset, name: str = "index", offset: int = 0):
+    """Add ``offset +`` the row number as a column (the key of :class:`PixelsTransform`'s deterministic
+    augmentation; an offset keeps the keys of a second, mixed-in dataset distinct)."""
     if name in dataset.column_names:
         return dataset
-    return dataset.add_column(name, np.arange(len(dataset), dtype=np.int64))
+    return dataset.add_column(name, np.arange(offset, offset + len(dataset), dtype=np.int64))
+
+
+class MixedTrainingSet(torch.utils.data.Dataset):
+    """The real training set plus ``ratio`` extra examples per real one, drawn anew every epoch.
+
+    An epoch has ``n + m`` rows, ``m = round(ratio·n)``: rows ``0..n−1`` are the real examples, rows ``n..n+m−1``
+    the extra examples at positions ``e·m .. e·m + m − 1`` (epoch ``e``) of an endless sequence of seeded
+    permutations of the extra set, so extra examples are sampled **without replacement** within an epoch (and
+    every extra example is seen once before any is seen twice, across epochs). The trainer's sampler shuffles
+    the ``n + m`` rows as usual. The choice is a pure function of ``(seed, epoch)``:
+    :class:`~hf_gloro.trainer.EpochSeededAugmentationCallback` calls :meth:`set_epoch`, which also forwards the
+    epoch to both datasets' seeded transforms. Batches are fetched with ``__getitems__`` (one transform call per
+    dataset per batch, as for a plain ``datasets.Dataset``).
+    """
+
+    def __init__(self, real, extra, ratio: float, seed: int = 0) -> None:
+        if not ratio > 0:
+            raise ValueError(f"extra_train_ratio must be > 0, got {ratio}")
+        if len(extra) == 0:
+            raise ValueError("the extra training dataset is empty")
+        self.real, self.extra, self.ratio, self.seed = real, extra, float(ratio), int(seed)
+        self.extra_per_epoch = max(1, int(round(self.ratio * len(real))))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.real) + self.extra_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        for part in (self.real, self.extra):
+            transform = (getattr(part, "format", None) or {}).get("format_kwargs", {}).get("transform")
+            if hasattr(transform, "set_epoch"):
+                transform.set_epoch(self.epoch)
+
+    def extra_indices(self, epoch: int | None = None) -> np.ndarray:
+        """Rows of the extra dataset used in ``epoch`` (default: the current one), in the epoch's row order."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        size, count = len(self.extra), self.extra_per_epoch
+        start = epoch * count
+        chunks, position = [], start
+        while position < start + count:  # walk the concatenation of per-cycle permutations
+            cycle, offset = divmod(position, size)
+            permutation = np.random.default_rng([self.seed, cycle]).permutation(size)
+            take = min(size - offset, start + count - position)
+            chunks.append(permutation[offset:offset + take])
+            position += take
+        return np.concatenate(chunks)
+
+    def __getitems__(self, indices):
+        indices = [int(i) for i in indices]
+        n = len(self.real)
+        chosen = self.extra_indices()
+        real_rows = [(k, i) for k, i in enumerate(indices) if i < n]
+        extra_rows = [(k, int(chosen[i - n])) for k, i in enumerate(indices) if i >= n]
+        out: list = [None] * len(indices)
+        for part, rows in ((self.real, real_rows), (self.extra, extra_rows)):
+            if rows:
+                fetched = _get_items(part, [i for _, i in rows])
+                for (k, _), item in zip(rows, fetched):
+                    out[k] = item
+        return out
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+
+def _get_items(dataset, indices: list[int]) -> list[dict]:
+    """``dataset.__getitems__`` when it has one (a formatted ``datasets.Dataset``: one batched transform)."""
+    if hasattr(dataset, "__getitems__"):
+        return dataset.__getitems__(indices)
+    return [dataset[i] for i in indices]
+
+
+class StreamingPixelsCollator:
+    """Collator for streamed rows (``datasets.IterableDataset``): decode and augment a whole batch at once.
+
+    Rows carry a decoded image (PIL, from the ``Image`` feature) and a label; the batch is converted to
+    ``uint8`` ``(C, H, W)`` at the model's size, then passed through ``transform`` (a :class:`PixelsTransform`,
+    usually unseeded: a stream has no stable row index) in one call. Rows that already hold ``pixel_values``
+    (the validation/test sets, materialised) are stacked as they are.
+    """
+
+    def __init__(self, transform: "PixelsTransform", image_key: str = "image", label_key: str = "label",
+                 num_classes: int | None = None) -> None:
+        self.transform, self.image_key, self.label_key = transform, image_key, label_key
+        self.num_classes = num_classes
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if examples and "pixel_values" in examples[0]:
+            from .trainer import collate_pixels  # lazy: data.py stays free of transformers at import time
+
+            return collate_pixels(examples)
+        channels, size = self.transform.shape[0], self.transform.shape[1]
+        pixels = [_to_uint8_chw(e[self.image_key], channels, size).tobytes() for e in examples]
+        labels = [int(e[self.label_key]) for e in examples]
+        if self.num_classes is not None and any(not 0 <= label < self.num_classes for label in labels):
+            raise ValueError(f"a streamed label lies outside [0, {self.num_classes}): {labels}")
+        return self.transform({PIXELS_COLUMN: pixels, "label": labels})
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -229,11 +352,36 @@ def random_horizontal_flip(images: torch.Tensor, probability: float = 0.5, flip:
     return images
 
 
+#: Names of the policy augmentations (torchvision v2 transforms on uint8 tensors) :class:`PixelsTransform` knows.
+AUGMENTATIONS = ("randaugment", "trivialaugment", "autoaugment")
+
+
+def policy_augmentation(name: str, num_ops: int = 2, magnitude: int = 9, policy: str = "cifar10"):
+    """The torchvision v2 transform called ``name`` (:data:`AUGMENTATIONS`) for ``uint8`` ``(C, H, W)`` tensors.
+
+    ``randaugment``: ``v2.RandAugment(num_ops, magnitude)``; ``trivialaugment``: ``v2.TrivialAugmentWide()``;
+    ``autoaugment``: ``v2.AutoAugment(AutoAugmentPolicy(policy))`` (``imagenet`` | ``cifar10`` | ``svhn``).
+    """
+    from torchvision.transforms import v2
+
+    key = name.strip().lower().replace("_", "").replace("-", "")
+    if key == "randaugment":
+        return v2.RandAugment(num_ops=int(num_ops), magnitude=int(magnitude))
+    if key in ("trivialaugment", "trivialaugmentwide"):
+        return v2.TrivialAugmentWide()
+    if key == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy(policy.lower()))
+    raise ValueError(f"unknown augmentation {name!r}; choose one of {list(AUGMENTATIONS)} (or none)")
+
+
 class PixelsTransform:
     """``datasets`` transform (for ``with_transform``) from decoded ``pixels`` bytes to model inputs.
 
     Output: ``pixel_values`` (float32 ``(B, C, H, W)`` in [0, 1]) and ``labels``. With ``crop_padding`` /
-    ``horizontal_flip`` it augments the whole batch in torch.
+    ``horizontal_flip`` it augments the whole batch in torch. ``augmentation`` (:data:`AUGMENTATIONS`) then
+    applies a torchvision v2 policy (RandAugment, TrivialAugmentWide, AutoAugment) to each uint8 image of the
+    batch with probability ``augmentation_probability`` (LiResNet: ``RandomApply([RandAugment()])``, p = ½),
+    each image with its own random operations.
 
     Randomness: with ``seed`` set, every random choice is a pure function of ``(seed, epoch, example index)``
     (the dataset needs an ``index`` column, see :func:`add_index_column`; the epoch is set with
@@ -243,16 +391,47 @@ class PixelsTransform:
     """
 
     def __init__(self, num_channels: int, image_size: int, crop_padding: int = 0, horizontal_flip: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, augmentation: str | None = None, augmentation_probability: float = 1.0,
+                 randaugment_num_ops: int = 2, randaugment_magnitude: int = 9, autoaugment_policy: str = "cifar10"):
         self.shape = (num_channels, image_size, image_size)
         self.crop_padding = int(crop_padding)
         self.horizontal_flip = bool(horizontal_flip)
         self.seed = seed
         self.epoch = 0
+        if augmentation is not None and str(augmentation).strip().lower() in ("", "none"):
+            augmentation = None
+        if not 0.0 <= augmentation_probability <= 1.0:
+            raise ValueError(f"augmentation_probability must lie in [0, 1], got {augmentation_probability}")
+        self.augmentation = augmentation
+        self.augmentation_probability = float(augmentation_probability)
+        self.policy = (policy_augmentation(augmentation, randaugment_num_ops, randaugment_magnitude, autoaugment_policy)
+                       if augmentation is not None else None)
 
     @property
     def augments(self) -> bool:
-        return self.crop_padding > 0 or self.horizontal_flip
+        return self.crop_padding > 0 or self.horizontal_flip or self.policy is not None
+
+    def _apply_policy(self, images: torch.Tensor, index: np.ndarray | None) -> torch.Tensor:
+        """The policy on each image (uint8, ``(C, H, W)``): seeded per ``(seed, epoch, index)`` when seeded."""
+        count = images.shape[0]
+        if index is None:
+            chosen = torch.rand(count) < self.augmentation_probability
+            seeds = None
+        else:
+            chosen = torch.from_numpy(counter_uniform(self.seed, self.epoch, index, 4) < self.augmentation_probability)
+            seeds = (counter_uniform(self.seed, self.epoch, index, 5) * 2.0**52).astype(np.int64)
+        if not bool(chosen.any()):
+            return images
+        images = images.clone()
+        if seeds is None:
+            for i in chosen.nonzero().flatten().tolist():
+                images[i] = self.policy(images[i])
+            return images
+        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+            for i in chosen.nonzero().flatten().tolist():
+                torch.default_generator.manual_seed(int(seeds[i]))  # CPU generator only: ~100× cheaper
+                images[i] = self.policy(images[i])
+        return images
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -262,7 +441,7 @@ class PixelsTransform:
         count = len(raw)
         images = torch.from_numpy(np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(count, *self.shape).copy())
         if self.augments:
-            offsets = flip = None
+            offsets = flip = index = None
             if self.seed is not None:
                 if "index" not in batch:
                     raise KeyError("seeded augmentation needs an 'index' column (hf_gloro.data.add_index_column)")
@@ -275,4 +454,6 @@ class PixelsTransform:
                 images = random_crop(images, self.crop_padding, offsets)
             if self.horizontal_flip:
                 images = random_horizontal_flip(images, flip=flip)
+            if self.policy is not None:
+                images = self._apply_policy(images, index)
         return {"pixel_values": uint8_to_unit(images), "labels": torch.as_tensor(batch["label"], dtype=torch.long)}

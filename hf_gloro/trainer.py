@@ -14,6 +14,11 @@ What the trainer adds to a plain ``Trainer``:
   ε, ``vra@r`` for ``extra_eval_radii``, ``rejection_rate``, ``median_certified_radius``,
   ``lipschitz_constant`` (guaranteed), ``lipschitz_estimate`` (converged power iteration) — logged like any
   ``Trainer`` metric (``eval_vra`` …), so ``metric_for_best_model="vra"`` selects checkpoints on validation VRA.
+* **Optimisers from timm** (``timm_optimizer``, e.g. ``lookahead_nadam`` as in LiResNet, ``nadamw``, ``lamb``):
+  built by ``timm.optim.create_optimizer_v2`` on the same weight-decay parameter groups as transformers' own
+  optimisers; ``optim`` is used when it is unset. timm's ``Lookahead`` shares its inner optimiser's
+  ``param_groups`` (so every LR scheduler drives it) and keeps its slow weights and step counter in the inner
+  optimiser's state dict (so checkpoints resume it exactly).
 * **LR schedule** ``lr_decay_after_half_to`` (the GloRo recipe's "decay_to_X_after_half") in addition to every
   ``transformers`` schedule.
 * **Complete folders**: the image processor (:func:`hf_gloro.image_processing.image_processor_for_config`) is the
@@ -36,6 +41,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import csv
+import json
 import math
 import os
 import time
@@ -59,6 +65,7 @@ __all__ = [
     "EpochSeededAugmentationCallback",
     "GloRoTrainer",
     "GloRoTrainingArguments",
+    "LookaheadSyncCallback",
     "collate_pixels",
     "destroy_process_group",
     "sync_power_iterates",
@@ -90,6 +97,14 @@ class GloRoTrainingArguments(TrainingArguments):
     lr_decay_after_half_to: float | None = field(
         default=None, metadata={"help": "GloRo LR schedule: constant for half, then exponential decay to this LR"}
     )
+    timm_optimizer: str | None = field(
+        default=None, metadata={"help": "timm optimizer (timm.optim.create_optimizer_v2 name, e.g. lookahead_nadam, "
+                                        "nadamw, lamb); replaces `optim` when set"}
+    )
+    timm_optimizer_kwargs: str | None = field(
+        default=None, metadata={"help": "JSON dict of extra create_optimizer_v2 arguments (e.g. betas, eps; "
+                                        "lookahead_alpha, lookahead_k for Lookahead)"}
+    )
 
     remove_unused_columns: bool = False
     ddp_find_unused_parameters: bool | None = False
@@ -111,7 +126,32 @@ class GloRoTrainingArguments(TrainingArguments):
             self.greater_is_better = not self.metric_for_best_model.endswith(("loss", "rejection_rate"))
         if not torch.cuda.is_available():
             self.use_cpu = True  # also what makes multi-process CPU launches pick gloo
+        self.timm_optimizer_options  # validates
+        if self.timm_optimizer:
+            from timm.optim import list_optimizers
+
+            name = self.timm_optimizer.lower()
+            base = name[len("lookahead_"):] if name.startswith("lookahead_") else name
+            if base not in list_optimizers():
+                raise ValueError(f"unknown timm_optimizer {self.timm_optimizer!r} (timm.optim.list_optimizers() has "
+                                 f"e.g. nadam, nadamw, lamb, adamw; prefix lookahead_ for Lookahead)")
         super().__post_init__()
+
+    @property
+    def timm_optimizer_options(self) -> dict:
+        """``timm_optimizer_kwargs`` as a dict (a JSON string on the command line, a dict from Python)."""
+        value = self.timm_optimizer_kwargs
+        if value is None or value == "":
+            return {}
+        if isinstance(value, dict):
+            return dict(value)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"timm_optimizer_kwargs must be a JSON dict, got {value!r}") from error
+        if not isinstance(parsed, dict):
+            raise ValueError(f"timm_optimizer_kwargs must be a JSON dict, got {value!r}")
+        return parsed
 
     @property
     def epsilon_schedule_spec(self) -> Schedule:
@@ -149,6 +189,15 @@ def sync_power_iterates(model: torch.nn.Module) -> None:
         return
     for buffer in _power_iterate_buffers(model):
         torch.distributed.broadcast(buffer, src=0)
+
+
+def _is_node_split_stream(dataset) -> bool:
+    """A ``datasets.IterableDataset`` returned by ``split_dataset_by_node`` (it records its rank/world size)."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(dataset, datasets.IterableDataset) and getattr(dataset, "_distributed", None) is not None
 
 
 def destroy_process_group() -> None:
@@ -198,6 +247,7 @@ class GloRoTrainer(Trainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(CertifiedProgressCallback)
         self.add_callback(EpochSeededAugmentationCallback(self))
+        self.add_callback(LookaheadSyncCallback(self))
         if self.args.world_size > 1:
             _destroy_process_group_at_exit()
 
@@ -222,6 +272,47 @@ class GloRoTrainer(Trainer):
     def current_trades_lambda(self) -> float:
         step, total = self._progress()
         return self.args.trades_lambda * self.args.trades_lambda_schedule_spec.fraction(step, total)
+
+    def get_train_dataloader(self):
+        """A streamed training set already split between the processes (``datasets.distributed.
+        split_dataset_by_node``: every rank reads its own disjoint shard) gets a plain ``DataLoader``;
+        ``accelerator.prepare`` would otherwise shard it a second time (or read it on rank 0 and dispatch)."""
+        dataset = self.train_dataset
+        if not (_is_node_split_stream(dataset) and self.args.world_size > 1):
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        params = {"batch_size": self._train_batch_size, "collate_fn": self.data_collator,
+                  "num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory}
+        if self.args.dataloader_num_workers > 0:
+            params["persistent_workers"] = self.args.dataloader_persistent_workers
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor
+        return DataLoader(dataset, **params)
+
+    def create_optimizer(self, model=None):
+        """transformers' optimizer, or timm's (``timm_optimizer``) on the same weight-decay parameter groups."""
+        if not self.args.timm_optimizer or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from timm.optim import create_optimizer_v2
+
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        groups = [group for group in groups if group["params"]]
+        options = self.args.timm_optimizer_options
+        # Lookahead's own settings (timm's factory always uses α = 0.5, k = 6): they live in the param groups.
+        lookahead = {key: options.pop(key) for key in ("lookahead_alpha", "lookahead_k") if key in options}
+        self.optimizer = create_optimizer_v2(groups, opt=self.args.timm_optimizer.lower(), lr=self.args.learning_rate,
+                                             weight_decay=self.args.weight_decay, filter_bias_and_bn=False, **options)
+        if lookahead:
+            if not hasattr(self.optimizer, "sync_lookahead"):
+                raise ValueError(f"lookahead_alpha/lookahead_k need a lookahead_ optimizer, not "
+                                 f"{self.args.timm_optimizer!r}")
+            for group in self.optimizer.param_groups:
+                group.update(lookahead)
+        return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         final = self.args.lr_decay_after_half_to
@@ -396,10 +487,30 @@ class EpochSeededAugmentationCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         dataset = self.trainer.train_dataset
+        epoch = int(math.floor((state.epoch or 0.0) + 1e-9))
+        if hasattr(dataset, "set_epoch"):
+            # hf_gloro.data.MixedTrainingSet (draws its extra examples and forwards the epoch to its parts'
+            # transforms), or a streamed datasets.IterableDataset (reshuffles; idempotent for the same epoch).
+            dataset.set_epoch(epoch)
+            return
         transform = (dataset.format.get("format_kwargs") or {}).get("transform") if hasattr(dataset, "format") \
             else None
         if hasattr(transform, "set_epoch"):
-            transform.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
+            transform.set_epoch(epoch)
+
+
+class LookaheadSyncCallback(TrainerCallback):
+    """At the end of every epoch, pull a Lookahead optimizer's fast weights to its slow weights
+    (``timm.optim.Lookahead.sync_lookahead``), as LiResNet's training loop does; no-op for other optimizers."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        optimizer = getattr(self.trainer, "optimizer", None)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if hasattr(optimizer, "sync_lookahead"):
+            optimizer.sync_lookahead()
 
 
 class CertifiedMetricsCSVCallback(TrainerCallback):

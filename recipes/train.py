@@ -47,11 +47,18 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 import hf_gloro
+import numpy as np
+
 from hf_gloro.data import (
+    PIXELS_COLUMN,
     SKLEARN_DIGITS,
+    MixedTrainingSet,
     PixelsTransform,
+    StreamingPixelsCollator,
     add_index_column,
+    check_same_label_space,
     decode_images,
+    image_column,
     label_column,
     load_image_dataset,
     load_sklearn_digits,
@@ -95,6 +102,21 @@ class DataArguments:
     image_size: int = field(default=28, metadata={"help": "images are resized to image_size × image_size"})
     crop_padding: int = field(default=0, metadata={"help": "random-crop padding (0: off)"})
     horizontal_flip: bool = field(default=False, metadata={"help": "random horizontal flips"})
+    augmentation: str | None = field(default=None, metadata={
+        "help": "torchvision v2 policy per image after crop/flip: randaugment | trivialaugment | autoaugment | none"})
+    augmentation_probability: float = field(default=1.0, metadata={
+        "help": "probability of applying the policy to an image (LiResNet: RandomApply(RandAugment), 0.5)"})
+    randaugment_num_ops: int = field(default=2, metadata={"help": "RandAugment: operations per image"})
+    randaugment_magnitude: int = field(default=9, metadata={"help": "RandAugment: magnitude (0..30)"})
+    autoaugment_policy: str = field(default="cifar10", metadata={"help": "AutoAugment policy: imagenet | cifar10 | svhn"})
+    extra_train_dataset: str | None = field(default=None, metadata={
+        "help": "extra training data mixed in (Hub name, or a local folder of parquet shards), same ClassLabel names"})
+    extra_train_split: str = field(default="train", metadata={"help": "split of extra_train_dataset"})
+    extra_train_ratio: float = field(default=1.0, metadata={
+        "help": "extra examples per real example per epoch (generated-data recipes: 3.0), no repeats within an epoch"})
+    streaming: bool = field(default=False, metadata={
+        "help": "stream the data (datasets IterableDataset; each process reads its own shard); needs max_steps"})
+    shuffle_buffer_size: int = field(default=10000, metadata={"help": "streaming: shuffle buffer (examples)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training images"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "... validation images"})
     max_test_samples: int | None = field(default=None, metadata={"help": "... test images"})
@@ -171,8 +193,9 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         unknown = sorted(set(values) - known)
         if unknown:
             raise RecipeError(f"unknown keys in the config file {path!r}: {unknown}")
-        if isinstance(values.get("backbone_kwargs"), dict):
-            values["backbone_kwargs"] = json.dumps(values["backbone_kwargs"])
+        for key in ("backbone_kwargs", "timm_optimizer_kwargs"):  # dicts in YAML, JSON strings on the command line
+            if isinstance(values.get(key), dict):
+                values[key] = json.dumps(values[key])
         parser.set_defaults(**values)
         for action in parser._actions:  # values given in the file satisfy required arguments
             if action.dest in values:
@@ -189,6 +212,41 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
 # --- data and model -------------------------------------------------------------------------------------
 def _limit(dataset, count: int | None):
     return dataset if count is None or count >= len(dataset) else dataset.select(range(count))
+
+
+def _augmentation(data_args: DataArguments, seed: int | None) -> PixelsTransform:
+    try:
+        return PixelsTransform(data_args.num_channels, data_args.image_size, data_args.crop_padding,
+                               data_args.horizontal_flip, seed=seed, augmentation=data_args.augmentation,
+                               augmentation_probability=data_args.augmentation_probability,
+                               randaugment_num_ops=data_args.randaugment_num_ops,
+                               randaugment_magnitude=data_args.randaugment_magnitude,
+                               autoaugment_policy=data_args.autoaugment_policy)
+    except ValueError as error:
+        raise RecipeError(_first_line(error)) from error
+
+
+def _load_extra(data_args: DataArguments, names: list[str], streaming: bool = False):
+    """The extra training set (Hub name or local folder), checked against the label space ``names``."""
+    name = data_args.extra_train_dataset
+    try:
+        extra = load_image_dataset(name, data_args.extra_train_split,
+                                   None if os.path.isdir(name) else data_args.dataset_dir, streaming=streaming)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise RecipeError(f"cannot load split {data_args.extra_train_split!r} of extra_train_dataset {name!r}: "
+                          f"{_first_line(error)}") from error
+    try:
+        check_same_label_space(names, extra, what=f"extra_train_dataset {name!r}")
+    except ValueError as error:
+        raise RecipeError(_first_line(error)) from error
+    return extra
+
+
+def _check_extra_label_range(extra, count: int, name: str) -> None:
+    labels = np.asarray(extra["label"])
+    if len(labels) and (labels.min() < 0 or labels.max() >= count):
+        raise RecipeError(f"extra_train_dataset {name!r} has labels {labels.min()}..{labels.max()}, outside the "
+                          f"{count} classes of the training set")
 
 
 def build_datasets(data_args: DataArguments, seed: int, main_process_first=None):
@@ -222,12 +280,115 @@ def build_datasets(data_args: DataArguments, seed: int, main_process_first=None)
     train = _limit(train, data_args.max_train_samples)
     validation = _limit(validation, data_args.max_eval_samples)
     test = _limit(test, data_args.max_test_samples)
-    augment = PixelsTransform(data_args.num_channels, data_args.image_size, data_args.crop_padding,
-                              data_args.horizontal_flip, seed=seed)
+    augment = _augmentation(data_args, seed)
     if augment.augments:
         train = add_index_column(train)  # keys the seeded augmentation (exact resumption)
     plain = PixelsTransform(data_args.num_channels, data_args.image_size)
-    return train.with_transform(augment), validation.with_transform(plain), test.with_transform(plain), label_names
+    train = train.with_transform(augment)
+    if data_args.extra_train_dataset:
+        context = main_process_first(desc="decoding extra images") if main_process_first else _nullcontext()
+        with context:
+            extra = decode_images(_load_extra(data_args, label_names), data_args.num_channels, data_args.image_size,
+                                  data_args.decode_num_proc)
+        _check_extra_label_range(extra, len(label_names), data_args.extra_train_dataset)
+        if augment.augments:
+            extra = add_index_column(extra, offset=len(train))  # distinct augmentation keys
+        try:
+            train = MixedTrainingSet(train, extra.with_transform(augment), data_args.extra_train_ratio, seed=seed)
+        except ValueError as error:
+            raise RecipeError(_first_line(error)) from error
+    return train, validation.with_transform(plain), test.with_transform(plain), label_names
+
+
+def _materialize(stream, data_args: DataArguments, count: int | None, fingerprint: str):
+    """The first ``count`` rows of a stream, decoded once into the uint8 layout (a disk-backed ``datasets.Dataset``
+    cached under ``fingerprint``): validation and test sets of a streamed recipe."""
+    import datasets
+
+    images, labels = image_column(stream), label_column(stream)
+    names = hf_gloro.data.label_names(stream)
+    features = datasets.Features({PIXELS_COLUMN: datasets.Value("binary"),
+                                  "label": datasets.ClassLabel(names=names) if names else datasets.Value("int64")})
+    source = stream.take(count) if count is not None else stream
+    channels, size = data_args.num_channels, data_args.image_size
+
+    def rows():
+        for row in source:
+            yield {PIXELS_COLUMN: hf_gloro.data._to_uint8_chw(row[images], channels, size).tobytes(),
+                   "label": row[labels]}
+
+    return datasets.Dataset.from_generator(rows, features=features, fingerprint=fingerprint)
+
+
+def build_streaming_datasets(data_args: DataArguments, seed: int, process_index: int, world_size: int,
+                             main_process_first=None):
+    """``(train, validation, test, label_names, collator)`` for ``streaming: true``.
+
+    Train: the split streamed (``datasets.IterableDataset``) after its first ``validation_size`` rows, mixed with
+    the streamed extra data (``interleave_datasets`` at ``1 : extra_train_ratio``), shuffled in a buffer and split
+    between the processes (``split_dataset_by_node``: disjoint shards). Decoding and augmentation happen per batch
+    in the collator. Validation (the first ``validation_size`` rows, in file order: no stratified carve is possible
+    without reading the split) and test (the first ``max_test_samples`` rows) are decoded once to disk.
+    """
+    import hashlib
+
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    if data_args.dataset_name == SKLEARN_DIGITS:
+        raise RecipeError("streaming reads Hub or parquet datasets; sklearn/digits is in memory already")
+    if not data_args.test_split:
+        raise RecipeError("streaming needs a test_split (a test carve would need the whole split)")
+    size = data_args.validation_size
+    if size < 1 or size != int(size):
+        raise RecipeError(f"streaming needs validation_size as a number of examples (>= 1), got {size}")
+    size = int(data_args.max_eval_samples if data_args.max_eval_samples is not None else size)
+
+    def load(split):
+        try:
+            return load_image_dataset(data_args.dataset_name, split, data_args.dataset_dir, streaming=True)
+        except (FileNotFoundError, ValueError, ConnectionError) as error:
+            where = f" in {data_args.dataset_dir!r}" if data_args.dataset_dir else ""
+            raise RecipeError(f"cannot stream split {split!r} of {data_args.dataset_name!r}{where}: "
+                              f"{_first_line(error)}") from error
+
+    def key(*parts) -> str:
+        text = "|".join(map(str, (data_args.dataset_name, data_args.dataset_dir and os.path.abspath(
+            data_args.dataset_dir), data_args.num_channels, data_args.image_size, hf_gloro.__version__, *parts)))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    stream = load(data_args.train_split)
+    names = hf_gloro.data.label_names(stream)
+    if names is None:
+        raise RecipeError(f"{data_args.dataset_name!r} has no ClassLabel column; streaming needs the class names")
+    context = main_process_first(desc="decoding validation/test") if main_process_first else _nullcontext()
+    with context:
+        validation = _materialize(stream, data_args, size, key("validation", data_args.train_split, size))
+        test = _materialize(load(data_args.test_split), data_args, data_args.max_test_samples,
+                            key("test", data_args.test_split, data_args.max_test_samples))
+
+    def standard(part):  # common column names, so that streams can be interleaved
+        part = part.select_columns([image_column(part), label_column(part)])
+        renames = {old: new for old, new in zip((image_column(part), label_column(part)), ("image", "label"))
+                   if old != new}
+        return part.rename_columns(renames) if renames else part
+
+    train = standard(stream).skip(size)
+    if data_args.max_train_samples is not None:
+        train = train.take(data_args.max_train_samples)
+    if data_args.extra_train_dataset:
+        extra = standard(_load_extra(data_args, names, streaming=True)).cast(train.features)
+        if not data_args.extra_train_ratio > 0:
+            raise RecipeError(f"extra_train_ratio must be > 0, got {data_args.extra_train_ratio}")
+        share = data_args.extra_train_ratio / (1.0 + data_args.extra_train_ratio)
+        train = datasets.interleave_datasets([train, extra], probabilities=[1.0 - share, share], seed=seed,
+                                             stopping_strategy="all_exhausted")
+    train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    if world_size > 1:
+        train = split_dataset_by_node(train, rank=process_index, world_size=world_size)
+    collator = StreamingPixelsCollator(_augmentation(data_args, None), "image", "label", num_classes=len(names))
+    plain = PixelsTransform(data_args.num_channels, data_args.image_size)
+    return train, validation.with_transform(plain), test.with_transform(plain), names, collator
 
 
 class _nullcontext:
@@ -298,15 +459,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(data_args.torch_threads)
     set_seed(training_args.seed)
     started = time.time()
-    train, validation, test, label_names = build_datasets(data_args, training_args.seed,
-                                                          training_args.main_process_first)
+    collator = None
+    if data_args.streaming:
+        if training_args.max_steps is None or training_args.max_steps <= 0:
+            raise RecipeError("streaming needs max_steps (a stream has no length to count epochs in)")
+        train, validation, test, label_names, collator = build_streaming_datasets(
+            data_args, training_args.seed, training_args.process_index, training_args.world_size,
+            training_args.main_process_first)
+    else:
+        train, validation, test, label_names = build_datasets(data_args, training_args.seed,
+                                                              training_args.main_process_first)
     set_seed(training_args.seed)  # identical initial weights on every rank, independent of the data code
     model = build_model(model_args, data_args, label_names)
     trainer = GloRoTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=validation,
-                           callbacks=[CertifiedMetricsCSVCallback()])
-    logger.info("%s: train %d / validation %d / test %d images; %s, ε = %g; %d torch threads × world size %d",
-                data_args.dataset_name, len(train), len(validation), len(test), model.config.backbone,
-                model.config.epsilon, torch.get_num_threads(), training_args.world_size)
+                           data_collator=collator, callbacks=[CertifiedMetricsCSVCallback()])
+    logger.info("%s: train %s / validation %d / test %d images; %s, ε = %g; %d torch threads × world size %d",
+                data_args.dataset_name, "streamed" if data_args.streaming else len(train), len(validation),
+                len(test), model.config.backbone, model.config.epsilon, torch.get_num_threads(),
+                training_args.world_size)
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # weights, config (ε, guaranteed bound), preprocessor_config.json
