@@ -163,6 +163,21 @@ def _is_bounded_leaf(module: nn.Module) -> bool:
     return isinstance(module, LipschitzBounded) and not isinstance(module, LipschitzSequential)
 
 
+def _run_untraced(module: nn.Module, args, kwargs):
+    """Call ``module`` for real while fx is tracing: fx patches ``nn.Module.__call__``/``__getattr__`` (to record
+    calls and parameter reads as nodes); the originals are put back for the duration of the call."""
+    originals = (getattr(fx._symbolic_trace, "_orig_module_call", None),
+                 getattr(fx._symbolic_trace, "_orig_module_getattr", None))
+    patched = (nn.Module.__call__, nn.Module.__getattr__)
+    if None in originals:
+        raise UnknownLipschitzError("this torch.fx version does not expose the original Module.__call__")
+    nn.Module.__call__, nn.Module.__getattr__ = originals
+    try:
+        return module(*args, **kwargs)
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
+
+
 class _ShapeTracer(fx.Tracer):
     """fx tracer whose leaves are ``torch.nn`` modules and this package's bounded layers, and which decides Python
     control flow on *shapes* with the concrete sample input (values: refused)."""
@@ -199,7 +214,7 @@ class _ShapeTracer(fx.Tracer):
         elif node.op == "get_attr":
             value = _fetch_attr(self.root, node.target)
         elif node.op == "call_module":
-            value = self.root.get_submodule(node.target)(*args, **kwargs)
+            value = _run_untraced(self.root.get_submodule(node.target), args, kwargs)
         elif node.op == "call_function":
             value = node.target(*args, **kwargs)
         elif node.op == "call_method":
@@ -401,6 +416,24 @@ def _avg_pool_operator(x: torch.Tensor, y: torch.Tensor, params: dict, adaptive:
     norm = _mul_up(dense_spectral_norm_bound(ah), dense_spectral_norm_bound(aw))
     window = int(bh.sum(dim=1).max()) * int(bw.sum(dim=1).max())
     return norm, window
+
+
+def _max_pool_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                        return_indices=False):
+    pass
+
+
+def _avg_pool_signature(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                        divisor_override=None):
+    pass
+
+
+def _adaptive_avg_pool_signature(input, output_size):
+    pass
+
+
+_POOL_SIGNATURES = {F.max_pool2d: _max_pool_signature, F.avg_pool2d: _avg_pool_signature,
+                    F.adaptive_avg_pool2d: _adaptive_avg_pool_signature}
 
 
 def _bind(fn: Callable, args, kwargs) -> dict:
@@ -760,12 +793,9 @@ class _Analysis:
             return _Rule(node, "rounded", names, local=max(1.0, abs(slope)), what="leaky_relu", evaluate=generic)
         if key in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.max_pool2d):
             fn = {torch.max_pool2d: F.max_pool2d}.get(key, key)
-            params = _bind(fn if fn is not F.max_pool2d else F.max_pool2d, values, kwargs)
-            if fn is F.avg_pool2d and not params:
-                params = _bind(lambda input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                               count_include_pad=True, divisor_override=None: None, values, kwargs)
-            if fn is F.max_pool2d:
-                params.setdefault("dilation", 1)
+            params = _bind(_POOL_SIGNATURES[fn], values, kwargs)
+            if not params:
+                raise self._unknown(node, "unexpected pooling arguments")
             name = {F.max_pool2d: "max", F.avg_pool2d: "avg", F.adaptive_avg_pool2d: "adaptive_avg"}[fn]
             return self._pool_rule(node, names[0], name, params, generic)
         if key in (torch.mean, "mean"):
@@ -976,13 +1006,17 @@ class LipschitzGraph(LipschitzBounded, nn.Module):
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.graph_module.parameters()) + tuple(self.graph_module.buffers())
 
+    def _structure_key(self) -> tuple:
+        """The graph's code, every module's settings and train/eval flag, and this wrapper's settings."""
+        gm = self.graph_module
+        modules = tuple((name, settings_signature(m), m.training) for name, m in gm.named_modules() if m is not gm)
+        return (gm.code, modules, settings_signature(self))
+
     def bound_key(self) -> tuple:
         gm = self.graph_module
         constants = [_fetch_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
         tensors = [c for c in constants if isinstance(c, torch.Tensor)]
-        structure = (gm.code, tuple((name, settings_signature(m), m.training) for name, m in gm.named_modules()
-                                    if m is not gm))
-        return (content_digest(self._bound_dependencies() + tuple(tensors)), settings_signature(self), structure,
+        return (content_digest(self._bound_dependencies() + tuple(tensors)), self._structure_key(),
                 tuple(repr(c) for c in constants if not isinstance(c, torch.Tensor)))
 
     # --- bounds ---
@@ -1001,7 +1035,9 @@ class LipschitzGraph(LipschitzBounded, nn.Module):
 
     # --- training estimate ---
     def _estimate(self, iterations: int, update: bool) -> torch.Tensor:
-        analysis = self._cached("structure", lambda: _Analysis(self, with_bounds=False))
+        # Shapes and node kinds do not depend on the weights: cached on the structure alone (one analysis, not one
+        # per training step).
+        analysis = self._cached("structure", lambda: _Analysis(self, with_bounds=False), key=self._structure_key())
         estimates: dict[str, torch.Tensor] = {}
         one = None
         for rule in analysis.rules:
