@@ -245,6 +245,7 @@ def build_model_card(
         lipschitz_constant_repr=repr(bound),
         head_normalization=config.head_normalization,
         backbone=config.backbone,
+        adaptation=(config.adaptation_description() if hasattr(config, "adaptation_description") else None),
         num_channels=config.num_channels,
         image_size=config.image_size,
         input_dimension=config.num_channels * config.image_size**2,
