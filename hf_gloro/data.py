@@ -35,7 +35,19 @@ def load_image_dataset(name: str, split: str, dataset_dir: str | None = None, st
         folder = nested
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"dataset folder {folder!r} does not exist")
-    return datasets.load_dataset(folder, split=split, streaming=streaming)
+    try:
+        return datasets.load_dataset(folder, split=split, streaming=streaming)
+    except ValueError as error:
+        # A local copy of shards named like the Hub's (``valid-*.parquet``) gets the split name ``datasets``
+        # infers from the file names (``validation``), not the one the Hub repository declares (``valid``).
+        alias = _SPLIT_ALIASES.get(split)
+        if alias is None or not any(text in str(error) for text in ("Unknown split", "Bad split")):
+            raise
+        return datasets.load_dataset(folder, split=alias, streaming=streaming)
+
+
+#: Split names ``datasets`` infers from local file names, for the names a Hub repository may declare.
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "validation": "valid"}
 
 
 def label_names(dataset) -> list[str] | None:

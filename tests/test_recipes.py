@@ -110,7 +110,8 @@ def _config(path: pathlib.Path) -> dict:
 
 def _tiny_backbone(config: dict) -> dict | None:
     """Tiny widths of the config's own architecture (the stem, patchify stem and MLP depth are kept)."""
-    kwargs = dict(config.get("backbone_kwargs") or {})
+    kwargs = config.get("backbone_kwargs") or {}
+    kwargs = dict(json.loads(kwargs) if isinstance(kwargs, str) else kwargs)
     backbone = config.get("backbone", "gloro_2c2f")
     if backbone.startswith("liresnet"):
         kwargs.update(width=8, depth=2, neck_features=16, mlp_depth=min(int(kwargs.get("mlp_depth", 0)), 2))
@@ -165,7 +166,7 @@ def test_every_shipped_recipe_runs(path, data_root, tmp_path):
     assert model.config.lipschitz_constant >= model.lipschitz_constant() * (1 - 1e-12)
     if config.get("image_std"):
         assert list(model.normalization._values[1]) == [float(s) for s in config["image_std"]]
-    kwargs = config.get("backbone_kwargs") or {}
+    kwargs = model.config.backbone_kwargs or {}
     leaves = model.certification_chain()
     if kwargs.get("patch_size"):  # the ImageNet patchify stem: kernel = stride = patch, no padding
         stem = next(leaf for leaf in leaves if isinstance(leaf, LipschitzConv2d))
@@ -188,7 +189,7 @@ def test_streamed_recipe_under_two_processes(data_root, tmp_path):
 
     output = tmp_path / "two"
     args = _smoke_arguments(ROOT / "recipes" / "configs" / "cifar10_liresnet.yaml", data_root, output)
-    result = _launch(ROOT / "recipes" / "train.py", *args, "--streaming", "true", "--max_steps", "3")
+    result = _launch(ROOT / "recipes" / "train.py", *args, "--streaming", "true", "--max_steps", "3", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "terminate called" not in result.stderr
     assert "world size 2" in result.stderr + result.stdout and "train streamed" in result.stderr + result.stdout
