@@ -220,7 +220,7 @@ def trained():
     optimizer = torch.optim.Adam(params, lr=3e-3)
     x, y = synthetic(512, 0)
     epsilon = 0.3
-    for step in range(150):
+    for step in range(100):
         rows = torch.randint(0, len(x), (64,))
         k = graph.lipschitz_estimate(2, True)
         logits = head(graph(x[rows]))

@@ -124,6 +124,10 @@ SILU_LIPSCHITZ = 1.09984
 _U64 = 2.0**-53
 
 
+#: Batch size of the sample the analysis runs through the graph.
+_SAMPLES = 7
+
+
 def gamma_safe(k: int, u: float) -> float:
     """``γ_k = k·u/(1 − k·u)``."""
     return k * u / (1.0 - k * u)
@@ -496,7 +500,7 @@ class _Analysis:
             "reshapes (see hf_gloro.lipschitz.graph)")
 
     def _check_batch(self, node: fx.Node, value) -> None:
-        if isinstance(value, torch.Tensor) and (value.ndim == 0 or value.shape[0] != 2):
+        if isinstance(value, torch.Tensor) and (value.ndim == 0 or value.shape[0] != _SAMPLES):
             raise self._unknown(node, f"its output {tuple(value.shape)} does not keep the batch dimension first")
 
     def _module(self, node: fx.Node) -> nn.Module:
@@ -509,7 +513,10 @@ class _Analysis:
         dtype = parameter.dtype if parameter is not None else torch.float32
         device = parameter.device if parameter is not None else torch.device("cpu")
         g = torch.Generator(device="cpu").manual_seed(1234)
-        sample = torch.randn(2, *self.owner.input_shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        # An odd batch size no layer is likely to have as a channel count: a reshape that moved samples into other
+        # dimensions would show as a wrong leading dimension.
+        sample = torch.randn(_SAMPLES, *self.owner.input_shape, generator=g, dtype=torch.float64).to(
+            device=device, dtype=dtype)
         users = {node.name: len(node.users) for node in gm.graph.nodes}
         self.users = users
         with torch.no_grad():
@@ -526,8 +533,27 @@ class _Analysis:
                     self._post(rule)
                 if self.with_bounds:
                     self._bound(rule)
+        self._check_independence(sample)
         if self.with_bounds:
             self.value = self.bounds[self.output_rule.inputs[0]]
+
+    @torch.no_grad()
+    def _check_independence(self, sample: torch.Tensor) -> None:
+        """Changing one sample of the batch must leave every other sample's output unchanged (bit for bit): the
+        bound is about a per-sample map."""
+        changed = sample.clone()
+        changed[0] = -3.0 * changed[0] + 1.0
+        flags = [(m, m.training) for m in self.gm.modules()]
+        self.gm.eval()
+        try:
+            out = self.gm(changed)
+            reference = self.gm(sample)
+        finally:
+            for m, flag in flags:
+                m.train(flag)
+        if not isinstance(out, torch.Tensor) or not torch.equal(out[1:], reference[1:]):
+            raise UnknownLipschitzError("the graph mixes samples of a batch (an output changed when another sample "
+                                        "changed); only per-sample maps can be bounded")
 
     def _post(self, rule: _Rule) -> None:
         """Checks that need the node's output value (pool geometry)."""
