@@ -205,7 +205,7 @@ def test_single_folded_conv_bn_is_tight():
     # the folded pair is bounded as one convolution (the torus bound: a few % above the zero-padded norm at 6×6)
     kernel = model[0].weight.detach().double() * (model[1].weight / torch.sqrt(model[1].running_var + model[1].eps)
                                                   ).detach().double()[:, None, None, None]
-    assert exact <= folded <= conv2d_spectral_norm_bound(kernel, (6, 6), 1, 1) * (1 + 1e-9) <= exact * 1.1
+    assert exact <= folded <= conv2d_spectral_norm_bound(kernel, (6, 6), 1, 1) * (1 + 1e-6) <= exact * 1.1
 
 
 @pytest.mark.parametrize("name", ["residual", "bn_chain", "pools"])
@@ -307,7 +307,7 @@ class Softmax(nn.Module):
 
 @pytest.mark.parametrize("module, node", [
     (Square(), "mul"), (Product(), "mul"), (WithLayerNorm(), "norm"), (Attention(), "attn"),
-    (ValueBranch(), "sum"), (BatchMix(), "mean"), (Softmax(), "softmax"),
+    (ValueBranch(), "control flow"), (BatchMix(), "mean"), (Softmax(), "softmax"),
 ])
 def test_unsupported_nodes_raise_naming_the_node(module, node):
     with pytest.raises(UnknownLipschitzError, match=node):
