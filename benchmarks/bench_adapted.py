@@ -61,7 +61,9 @@ def build(name: str, label_names: list[str]) -> GloRoForImageClassification:
 
 def load_cifar(data_dir: str, test_limit: int):
     train = load_image_dataset("uoft-cs/cifar10", "train", dataset_dir=data_dir)
-    test = load_image_dataset("uoft-cs/cifar10", "test", dataset_dir=data_dir).select(range(test_limit))
+    test = load_image_dataset("uoft-cs/cifar10", "test", dataset_dir=data_dir)
+    # Evenly spaced test images (a local copy may be sorted by class).
+    test = test.select(torch.linspace(0, len(test) - 1, min(test_limit, len(test))).round().long().tolist())
     column, labels = image_column(train), label_column(train)
     names = train.features[labels].names
     return ((images_to_pixels(train[column], 3, 32), torch.tensor(train[labels])),
