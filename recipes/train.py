@@ -82,6 +82,9 @@ COMMON_TRAINING_FIELDS = (
 class ModelArguments:
     backbone: str = field(default="gloro_2c2f", metadata={"help": "timm name of a Lipschitz backbone"})
     backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON dict for timm.create_model"})
+    adaptation: str | None = field(default=None, metadata={
+        "help": "JSON dict of adaptation options for a timm backbone that is not a native Lipschitz one (e.g. "
+                "resnet18): activation, batchnorm, layernorm, stem, pool, init; see hf_gloro.GloRoConfig"})
     epsilon: float = field(default=0.3, metadata={"help": "certifying L2 radius (pixels in [0, 1])"})
     head_normalization: str = field(default="none", metadata={"help": "none | lln"})
     power_iterations: int = field(default=10, metadata={"help": "power-iteration steps per training step"})
@@ -193,7 +196,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         unknown = sorted(set(values) - known)
         if unknown:
             raise RecipeError(f"unknown keys in the config file {path!r}: {unknown}")
-        for key in ("backbone_kwargs", "timm_optimizer_kwargs"):  # dicts in YAML, JSON strings on the command line
+        for key in ("backbone_kwargs", "adaptation", "timm_optimizer_kwargs"):  # YAML dicts; JSON on the command line
             if isinstance(values.get(key), dict):
                 values[key] = json.dumps(values[key])
         parser.set_defaults(**values)
@@ -405,6 +408,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, label_name
     config = hf_gloro.GloRoConfig(
         backbone=model_args.backbone,
         backbone_kwargs=json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else None,
+        **({"adaptation": json.loads(model_args.adaptation)} if model_args.adaptation else {}),
         num_channels=data_args.num_channels,
         image_size=data_args.image_size,
         epsilon=float(model_args.epsilon),

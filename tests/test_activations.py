@@ -30,10 +30,16 @@ def test_minmax_gradients_match_autograd_and_route_every_entry_once():
     theirs = x.clone().requires_grad_()
     (_reference(theirs) * weights).sum().backward()
     assert torch.equal(ours.grad, theirs.grad)
-    # A permutation per pair: the summed gradient is preserved exactly (no split, no loss at ties).
+    # Ties split the gradient half and half, as autograd's maximum/minimum do.
     tied = torch.zeros(1, 2, requires_grad=True)
-    MinMax()(tied).sum().backward()
-    assert torch.equal(tied.grad, torch.ones(1, 2))
+    (MinMax()(tied) * torch.tensor([[3.0, 1.0]])).sum().backward()
+    assert torch.equal(tied.grad, torch.full((1, 2), 2.0))
+    ties = torch.randn(4, 6, 2, 2, dtype=torch.float64)
+    ties[:, :3] = ties[:, 3:]
+    ours, theirs = ties.clone().requires_grad_(), ties.clone().requires_grad_()
+    (MinMax()(ours) * weights).sum().backward()
+    (_reference(theirs) * weights).sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)
     assert torch.autograd.gradgradcheck(MinMax(), (torch.randn(2, 4, dtype=torch.float64, requires_grad=True),))
 
 

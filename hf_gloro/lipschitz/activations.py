@@ -9,13 +9,14 @@ from .bounded import ConstantLipschitz
 
 
 class _SortPairs(torch.autograd.Function):
-    """``[max(a, b), min(a, b)]`` for the channel halves ``a, b`` of ``x``, with a one-``where`` backward.
+    """``[max(a, b), min(a, b)]`` for the channel halves ``a, b`` of ``x``, with a cheap backward.
 
     The values are exactly those of ``torch.maximum``/``torch.minimum`` (a comparison and copies), so the
     certificate's "MinMax is exact in floating point" holds. Autograd's own ``maximum``/``minimum`` backward
     spends ~6 elementwise passes per pair (tie masks, ``masked_fill``, zero-filled slices of ``x``'s gradient)
-    and keeps both inputs alive; this keeps one boolean mask and routes each gradient to the entry that won
-    (a tie goes to ``a``: a valid subgradient).
+    and keeps both inputs alive; this keeps a boolean mask and routes each gradient to the entry that won. Ties
+    split the gradient half and half, exactly as autograd's ``maximum``/``minimum`` do (on MNIST, whole
+    background regions tie at initialisation, so the choice changes training and gradient attacks).
     """
 
     generate_vmap_rule = True  # torch.func.jacrev / vmap work through it
@@ -29,23 +30,28 @@ class _SortPairs(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         a, b = x.chunk(2, dim=1)
-        mask = a >= b
-        ctx.save_for_backward(mask)
-        ctx.mask_for_forward = mask
+        wins = a > b
+        ties = a == b
+        ctx.save_for_backward(wins, ties)
+        ctx.masks_for_forward = (wins, ties)
 
     @staticmethod
-    def _route(mask: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
-        first, second = incoming.chunk(2, dim=1)
-        return torch.cat([torch.where(mask, first, second), torch.where(mask, second, first)], dim=1)
+    def _route(wins: torch.Tensor, ties: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
+        top, bottom = incoming.chunk(2, dim=1)
+        to_a, to_b = torch.where(wins, top, bottom), torch.where(wins, bottom, top)
+        if bool(ties.any()):
+            shared = (top + bottom) * 0.5
+            to_a, to_b = torch.where(ties, shared, to_a), torch.where(ties, shared, to_b)
+        return torch.cat([to_a, to_b], dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (mask,) = ctx.saved_tensors
-        return _SortPairs._route(mask, grad)
+        wins, ties = ctx.saved_tensors
+        return _SortPairs._route(wins, ties, grad)
 
     @staticmethod
     def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
-        return _SortPairs._route(ctx.mask_for_forward, tangent)
+        return _SortPairs._route(*ctx.masks_for_forward, tangent)
 
 
 class MinMax(ConstantLipschitz, nn.Module):
