@@ -162,6 +162,21 @@ def test_certify_runs_the_eval_network_in_any_mode_and_keeps_the_modes():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in statistics.items())
 
 
+
+def test_eval_forward_logits_keep_their_gradient():
+    """The eval-mode forward (the float-sound certification path) is differentiable w.r.t. the pixels, with the
+    same gradient as the plain network (attacks, saliency and fine-tuning from eval logits need it)."""
+    model = build(RESNET)
+    perturb_statistics(model)
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    logits = model(x).logits
+    assert logits.requires_grad, "eval-mode logits of an adapted model have no gradient path"
+    (grad,) = torch.autograd.grad(logits[:, 3].sum(), x)
+    x_plain = x.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(plain_logits(model, x_plain)[:, 3].sum(), x_plain)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
 # --- persistence, pipeline, CLI -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -1220,11 +1220,13 @@ class GraphRounding(CompositeRounding):
                 values[name], norms[name], devs[name], details[name] = model.propagate(
                     rule.module, values[source], norms[source], devs[source], a_posteriori)
                 continue
-            with torch.no_grad():  # static nodes (shapes) are re-evaluated: the batch size differs from the analysis
-                out = rule.evaluate(fx.node.map_arg(rule.node.args, lookup), fx.node.map_arg(rule.node.kwargs, lookup))
-            values[name] = out
-            if kind == "static":
+            args, kwargs = fx.node.map_arg(rule.node.args, lookup), fx.node.map_arg(rule.node.kwargs, lookup)
+            if kind == "static":  # shapes are re-evaluated (the batch size differs from the analysis); no gradient
+                with torch.no_grad():
+                    values[name] = rule.evaluate(args, kwargs)
                 continue
+            out = rule.evaluate(args, kwargs)  # with autograd: eval-mode logits keep their gradient path
+            values[name] = out
             elements = out[0].numel() if len(out) else 0
             if kind in ("affine", "leaf"):
                 if model.exact:
