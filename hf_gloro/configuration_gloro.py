@@ -43,8 +43,8 @@ class GloRoConfig(PreTrainedConfig):
 
     A GloRo net appends a bottom logit ``y_⊥ = max_{i≠j}(y_i + ε·K_ji)`` to the ``m`` class logits, with
     ``K_ji = k·‖w_j − w_i‖₂`` and ``k`` a bound on the Lipschitz constant of pixels → features. Whenever ⊥
-    does not win, the prediction is certified constant on the L2 ball of radius ``epsilon`` (pixel scale,
-    images in [0, 1]).
+    does not win, the prediction is certified constant on the ball of radius ``epsilon`` in ``norm`` (L2 by
+    default, or L∞; pixel scale, images in [0, 1]).
 
     Args:
         backbone (`str`): a timm model name. Either a native Lipschitz backbone of this package (``gloro_2c2f``,
@@ -64,9 +64,15 @@ class GloRoConfig(PreTrainedConfig):
             ``"flatten"``; ``init`` ``"orthogonal"`` (default) | ``"timm"``.
         num_channels (`int`): input channels (1 for MNIST, 3 for RGB).
         image_size (`int`): input height = width; the backbone's bound is computed at this size.
-        epsilon (`float`): certifying L2 radius, in the pixel scale ([0, 1] images). Must be > 0.
-        norm (`str`): the threat model's norm; only ``"l2"``.
-        lipschitz_constant (`float`, *optional*): the guaranteed bound on Lip(pixels → features) recorded
+        epsilon (`float`): certifying radius in ``norm``, in the pixel scale ([0, 1] images). Must be > 0.
+        norm (`str`): the threat model's norm: ``"l2"`` (default) or ``"linf"``. With ``"linf"``, ε, certified radii
+            and ``lipschitz_constant`` are in L∞ units: the first dense/convolution layer is bounded as an ∞→2
+            operator (the smallest of ``√d·‖W‖₂``, ``Σ_k ‖W[:, k]‖₂``, ``‖|W|·1‖₂`` and ``√(1ᵀ|WᵀW|1)``, see
+            :mod:`hf_gloro.lipschitz.linf`), everything after it in L2; same float-soundness as L2. L∞ radii are
+            ~``1/√d`` of L2 ones (MNIST ε∞ = 0.1 is a common setting). For adapted timm backbones the first layer is
+            inside the graph and the looser ``√d·(L2 bound)`` is used.
+        lipschitz_constant (`float`, *optional*): the guaranteed bound on Lip(pixels → features) (from ``norm`` to
+            L2) recorded
             at save time. Informational: on load it is recomputed from the weights, and a recorded value
             below the recomputed bound makes loading fail.
         head_normalization (`str`): ``"none"`` or ``"lln"`` (unit-norm head rows, as in LiResNet).
@@ -99,7 +105,7 @@ class GloRoConfig(PreTrainedConfig):
     num_channels: int = 1
     image_size: int = 28
     epsilon: float | int = 0.3
-    norm: Literal["l2"] = "l2"
+    norm: Literal["l2", "linf"] = "l2"
     lipschitz_constant: float | int | None = None
     head_normalization: Literal["none", "lln"] = "none"
     power_iterations: int = 10

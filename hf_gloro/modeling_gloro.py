@@ -38,6 +38,7 @@ from .lipschitz import (
     product_upper_bound,
 )
 from .lipschitz.bounded import check_bounded_forward
+from .lipschitz.linf import first_linf_leaf, prefix_constants, prefix_estimate
 from .lipschitz.numerics import CERTIFIED_DTYPES, autocast_active
 
 #: Pixel values may exceed [0, 1] by this much before certification refuses them (float rounding of rescaling).
@@ -91,7 +92,8 @@ class GloRoImageClassifierOutput(ModelOutput):
 class GloRoCertificate:
     """Per-row result of :meth:`GloRoForImageClassification.certify`.
 
-    ``certified[b]`` means: every input within L2 distance ``epsilon`` of image ``b`` (pixel scale) gets
+    ``certified[b]`` means: every input within distance ``epsilon`` of image ``b`` in the ``norm`` of the threat
+    model (``"l2"`` or ``"linf"``, pixel scale; ``config.norm``) gets
     the prediction ``predictions[b]`` from this package (eval-mode forward, ``certify``, pipelines, CLI), as
     executed in floating point; ``radius[b]`` is the largest radius this certificate proves. ``logits`` are
     the logits of that prediction; ``float64_rows`` marks the rows that needed a float64 re-evaluation.
@@ -104,6 +106,7 @@ class GloRoCertificate:
     lipschitz_constant: float
     logits: torch.FloatTensor | None = None
     float64_rows: torch.BoolTensor | None = None
+    norm: str = "l2"  # "l2" or "linf": the norm of epsilon, radius and the certificate
 
     @property
     def certified_fraction(self) -> float:
@@ -131,7 +134,8 @@ class GloRoPreTrainedModel(PreTrainedModel):
 
 
 class GloRoForImageClassification(GloRoPreTrainedModel):
-    """A GloRo net: Lipschitz backbone + head whose bottom logit certifies L2 robustness at ε.
+    """A GloRo net: Lipschitz backbone + head whose bottom logit certifies robustness at ε in ``config.norm``
+    (L2, or L∞ with the first affine layer bounded as an ∞→2 operator).
 
     Example:
 
@@ -200,40 +204,68 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         """Bounds, rounding models and margin constants, cached under a key that covers every tensor (content
         hash) and every setting of every layer in the chain and the head; recomputed only where changed."""
         leaves = self.certification_chain()
-        key = (tuple(leaf.bound_key() for leaf in leaves), self.head.bound_key())
+        norm, input_dim = self.config.norm, self.input_dimension
+        key = (tuple(leaf.bound_key() for leaf in leaves), self.head.bound_key(), norm, input_dim)
         cache = self.__dict__.get("_cache_certification")
         if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1].leaves, leaves)):
             return cache[1]
         with certification_numerics():
             lipschitz = [leaf.lipschitz_upper_bound() for leaf in leaves]
             rounding = [leaf.rounding_model() for leaf in leaves]
-            bound = product_upper_bound(lipschitz)
+            # P_ℓ: ‖Δz_ℓ‖₂ per unit of input distance in the threat model's norm (L2: the running products).
+            prefix = prefix_constants(leaves, lipschitz, norm, input_dim)
+            if norm == "l2":
+                bound = product_upper_bound(lipschitz)
+            else:  # P_L, rounded up at every step, with the same final slack as the L2 product
+                bound = prefix[-1] * (1.0 + 4 * len(lipschitz) * 2.0**-53)
             constants = ChainConstants(leaves, lipschitz, rounding, bound,
-                                       self.head.margin_constants_upper_bound(bound), self.head.head_constants())
+                                       self.head.margin_constants_upper_bound(bound), self.head.head_constants(),
+                                       prefix=prefix, norm=norm)
         self.__dict__["_cache_certification"] = (key, constants)
         return constants
 
-    def lipschitz_constant(self) -> float:
-        """Guaranteed upper bound on the L2 Lipschitz constant of pixels → features (float64, cached).
+    @property
+    def input_dimension(self) -> int:
+        """``d = C·H·W``, the number of input elements (``‖v‖₂ ≤ √d·‖v‖∞``)."""
+        return int(self.config.num_channels) * int(self.config.image_size) ** 2
 
-        The product of every layer's guaranteed bound along :meth:`certification_chain` (normalisation included).
+    def lipschitz_constant(self) -> float:
+        """Guaranteed bound ``k`` on ``‖Δfeatures‖₂ / ‖Δpixels‖`` in the config's norm (float64, cached).
+
+        ``norm="l2"``: the product of every layer's guaranteed L2 bound along :meth:`certification_chain`
+        (normalisation included). ``norm="linf"``: the ∞→2 constant ``P_L`` of
+        :func:`hf_gloro.lipschitz.linf.prefix_constants` (first dense/conv layer bounded as an ∞→2 operator, L2
+        after it; ``√d·Π L`` where that is smaller or where the first affine layer is inside a graph).
         """
         return self._certification_constants().sub_lipschitz
 
     def lipschitz_estimate(self, iterations: int | None = None, update: bool = True) -> torch.Tensor:
-        """Differentiable power-iteration estimate of the same constant (training only)."""
+        """Differentiable power-iteration estimate of the same constant (training only).
+
+        For ``norm="linf"``: ``min(√d·Π σ̂_ℓ, Q·B̃·Π_{after} σ̂_ℓ)`` with ``B̃`` the first affine layer's differentiable
+        ∞→2 estimate (:func:`hf_gloro.lipschitz.linf.prefix_estimate`).
+        """
         iterations = self.config.power_iterations if iterations is None else iterations
-        return self.normalization.lipschitz_estimate(iterations, update) * self.backbone.lipschitz_estimate(
-            iterations, update
-        )
+        if self.config.norm == "l2":
+            return self.normalization.lipschitz_estimate(iterations, update) * self.backbone.lipschitz_estimate(
+                iterations, update
+            )
+        leaves = self.certification_chain()
+        estimates = [leaf.lipschitz_estimate(iterations, update) for leaf in leaves]
+        index = first_linf_leaf(leaves)
+        linf = {} if index is None else {index: leaves[index].linf_to_l2_estimate(estimates[index])}
+        return prefix_estimate(leaves, estimates, "linf", self.input_dimension, linf)
 
     @torch.no_grad()
     def converge_power_iterates(self, tolerance: float = 1e-6, max_iterations: int = 2000) -> float:
-        """Converge every power iterate (before evaluation/saving); returns the converged *estimate*.
+        """Converge every power iterate (before evaluation/saving); returns the converged *estimate* (of the
+        config's norm's constant, see :meth:`lipschitz_estimate`).
 
-        The estimate approaches the true constant from below; certificates never use it.
+        The L2 estimate approaches the true constant from below; certificates never use it.
         """
         estimate = converge_power_iterates(self.backbone.features, tolerance, max_iterations)
+        if self.config.norm != "l2":
+            return float(self.lipschitz_estimate(iterations=1, update=True))
         return float(self.normalization.lipschitz_estimate()) * estimate
 
     def margin_lipschitz_constants(self) -> torch.Tensor:
@@ -386,7 +418,7 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
                 "outside autocast (torch.autocast(device_type, enabled=False)) on a float32 model (model.float())")
         result, constants = self._certify_batch(pixel_values, epsilon)
         return GloRoCertificate(result.predictions, result.certified, result.radius, epsilon,
-                                constants.sub_lipschitz, result.logits, result.float64_rows)
+                                constants.sub_lipschitz, result.logits, result.float64_rows, constants.norm)
 
     # --- persistence --------------------------------------------------------------------------------
     def verify_recorded_bound(self, rtol: float = 1e-6) -> float:

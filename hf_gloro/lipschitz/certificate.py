@@ -7,7 +7,9 @@ Semantics (what a certificate promises)
     prediction is decided it *is* the exact-arithmetic prediction, whatever batch, thread count or BLAS
     summation order produced it.
 
-    ``certified`` at ``x`` with radius ``R`` means: for every ``x'`` with ``‖x' − x‖₂ < R`` the exact network
+    ``certified`` at ``x`` with radius ``R`` means: for every ``x'`` with ``‖x' − x‖ < R`` (``‖·‖₂``, or ``‖·‖∞`` for
+    ``ChainConstants.norm == "linf"``: then ``K`` and the ball terms use the ∞→2 prefix constants of
+    :mod:`hf_gloro.lipschitz.linf`, everything else is the same analysis) the exact network
     predicts ``j`` **and** the package's prediction at ``x'`` (from ``certify()``, eval-mode ``forward()``, the
     pipelines or the CLI) is ``j``: decided in float32 it is the exact argmax; re-evaluated in float64 the
     float64 error at ``x'`` is below the exact margin there.
@@ -62,9 +64,13 @@ class ChainConstants:
     leaves: list[nn.Module]
     lipschitz: list[float]
     rounding: list[RoundingModel]
-    sub_lipschitz: float  # k ≥ Π L_ℓ
+    sub_lipschitz: float  # k ≥ sup ‖Δfeatures‖₂ / ‖Δx‖ (L2: Π L_ℓ; L∞: the ∞→2 prefix constant P_L)
     margin_constants: torch.Tensor  # (m, m) K_ji = k·distances
     head: HeadConstants
+    #: ``[P_0, …, P_L]``: bounds on ``‖Δz_ℓ‖₂ / ‖Δx‖`` at the input of every leaf (input norm of the threat model;
+    #: :func:`~hf_gloro.lipschitz.linf.prefix_constants`). ``None``: the L2 products of ``lipschitz``.
+    prefix: list[float] | None = None
+    norm: str = "l2"  # the threat model: "l2" or "linf" (ε and radii in that norm)
 
 
 @dataclass
@@ -100,7 +106,8 @@ def _pair_terms(logits: torch.Tensor, trace: ChainTrace, constants: ChainConstan
     error = (top_error + logit_error + distances * trace.deviations[-1][:, None]
              + 2.0**-52 * (top.abs() + y.abs()))  # the float64 subtraction's own rounding
     # The ball, in float64: A + B·r.
-    c, s, exact_norm, product = ball_deviation_float64(trace, constants.lipschitz, constants.rounding)
+    c, s, exact_norm, product = ball_deviation_float64(trace, constants.lipschitz, constants.rounding,
+                                                       constants.prefix)
     g = gamma(d + 1, UNIT_ROUNDOFF[torch.float64])
     norm_pairs = row_norms[predictions][:, None] + row_norms[None, :]
     bias_pairs = abs_bias[predictions][:, None] + abs_bias[None, :]

@@ -8,6 +8,7 @@ from torch import nn
 
 from .bounded import LipschitzBounded, RoundingModel, orthogonal_init_, reset_unit_iterate
 from .float_error import absolute_conv_norm_bound
+from .linf import conv2d_linf_to_l2_bounds, conv2d_linf_to_l2_estimate
 from .power_iteration import conv2d_operator, spectral_norm_estimate
 from .spectral_bounds import _pair, conv2d_spectral_norm_bound
 
@@ -106,6 +107,18 @@ class LipschitzConv2d(_ConvGeometry, LipschitzBounded, nn.Conv2d):
 
     def effective_kernel(self) -> torch.Tensor:
         return self.weight
+
+    def linf_to_l2_upper_bound(self) -> float:
+        """Guaranteed ``‖conv‖∞→2`` at ``input_size`` (the L∞ certificate's first-layer bound;
+        :mod:`hf_gloro.lipschitz.linf`), cached under the same key as the L2 bound (weights and settings)."""
+        return self._cached("linf_to_l2", lambda: min(conv2d_linf_to_l2_bounds(
+            self.weight, self.input_size, self.stride, self.padding, self.dilation, self.groups,
+            spectral_bound=self.lipschitz_upper_bound()).values()))
+
+    def linf_to_l2_estimate(self, spectral_estimate: torch.Tensor) -> torch.Tensor:
+        """Differentiable training estimate of :meth:`linf_to_l2_upper_bound` (``spectral_estimate`` ≈ ‖conv‖₂)."""
+        return conv2d_linf_to_l2_estimate(self.weight, self.input_size, self.stride, self.padding, self.dilation,
+                                          self.groups, spectral_estimate)
 
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)

@@ -216,24 +216,33 @@ def run_chain(leaves: Sequence[torch.nn.Module], lipschitz: Sequence[float], rou
     return ChainTrace(z, norms, deviations, shapes, details)
 
 
-def ball_deviation_float64(trace: ChainTrace, lipschitz: Sequence[float], rounding: Sequence[RoundingModel]
+def ball_deviation_float64(trace: ChainTrace, lipschitz: Sequence[float], rounding: Sequence[RoundingModel],
+                           prefix: Sequence[float] | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bounds, affine in the radius ``r``, for a **float64** evaluation anywhere in the ball around ``x``.
 
     From a trace at ``x`` (any dtype), returns per sample ``(c, s, S_L, Π_L)`` such that for every
     ``‖x' − x‖ ≤ r``: the float64 features deviate from the exact ones by at most ``c + s·r``, and the exact
     features have norm at most ``S_L + Π_L·r``.
+
+    ``prefix[ℓ]`` bounds ``‖z_ℓ(x') − z_ℓ(x)‖₂ / ‖x' − x‖`` for the exact input of leaf ``ℓ`` (``prefix[-1]``: the
+    features), in the threat model's input norm (:func:`~hf_gloro.lipschitz.linf.prefix_constants`); the only
+    place the input norm enters. Default: the L2 products ``1, L_1, L_1·L_2, …``.
     """
     c = torch.zeros_like(trace.norms[0])
     s = torch.zeros_like(c)
     product = 1.0
     details = trace.details or [None] * len(trace.shapes)
     for index, (bound, model, shape) in enumerate(zip(lipschitz, rounding, trace.shapes)):
+        if prefix is not None:
+            product = prefix[index]
         exact_norm = trace.norms[index] + trace.deviations[index]  # S_{ℓ−1} ≥ ‖z_{ℓ−1}(x)‖
         if isinstance(model, CompositeRounding):
             c, s = model.ball(details[index], c, s, product)
         elif not model.exact:
             c, s = affine_ball_step(model, bound, shape, exact_norm, c, s, product)
         product *= bound
+    if prefix is not None:
+        product = prefix[len(lipschitz)]
     exact_features = trace.norms[-1] + trace.deviations[-1]
     return c, s, exact_features, torch.full_like(c, product * (1.0 + 4 * len(lipschitz) * 2.0**-53))

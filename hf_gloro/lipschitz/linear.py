@@ -8,6 +8,7 @@ from torch import nn
 
 from .bounded import LipschitzBounded, RoundingModel, orthogonal_init_, reset_unit_iterate
 from .float_error import absolute_dense_norm_bound
+from .linf import dense_linf_to_l2_bounds, dense_linf_to_l2_estimate
 from .power_iteration import dense_operator, spectral_norm_estimate
 from .spectral_bounds import dense_spectral_norm_bound
 
@@ -36,6 +37,16 @@ class LipschitzLinear(LipschitzBounded, nn.Linear):
 
     def _compute_upper_bound(self) -> float:
         return dense_spectral_norm_bound(self.weight)
+
+    def linf_to_l2_upper_bound(self) -> float:
+        """Guaranteed ``‖W‖∞→2`` (the L∞ certificate's first-layer bound; :mod:`hf_gloro.lipschitz.linf`), cached
+        under the same key as the L2 bound (weights and settings)."""
+        return self._cached("linf_to_l2", lambda: min(
+            dense_linf_to_l2_bounds(self.weight, self.lipschitz_upper_bound()).values()))
+
+    def linf_to_l2_estimate(self, spectral_estimate: torch.Tensor) -> torch.Tensor:
+        """Differentiable training estimate of :meth:`linf_to_l2_upper_bound` (``spectral_estimate`` ≈ ‖W‖₂)."""
+        return dense_linf_to_l2_estimate(self.weight, spectral_estimate)
 
     def _compute_rounding_model(self) -> RoundingModel:
         bias = 0.0 if self.bias is None else float(self.bias.detach().to(torch.float64).norm())
