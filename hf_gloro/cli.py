@@ -133,16 +133,17 @@ def _certify(args) -> int:
         raise CLIError(skipped[0]["error"] if len(skipped) == 1 else f"none of the {len(skipped)} images could be read")
     for entry in skipped:
         print(f"hf-gloro: warning: {entry['error']}; skipped", file=sys.stderr)
-    summary = {"model": args.model, "epsilon": epsilon, "norm": "l2",
+    norm = getattr(certificate, "norm", "l2")
+    summary = {"model": args.model, "epsilon": epsilon, "norm": norm,
                "lipschitz_constant": certificate.lipschitz_constant, "num_images": len(rows),
                "num_certified": sum(row["certified"] for row in rows), "skipped": skipped}
     if args.json:
         json.dump({**summary, "results": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        _print_table(rows)
+        _print_table(rows, norm)
         processed = sum("preprocessing" in row for row in rows)
-        print(f"{summary['num_certified']}/{len(rows)} certified at ε = {epsilon:g} (L2); "
+        print(f"{summary['num_certified']}/{len(rows)} certified at ε = {epsilon:g} ({_norm_label(norm)}); "
               f"Lipschitz bound {summary['lipschitz_constant']:.6g}"
               + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
         if processed:
@@ -151,9 +152,15 @@ def _certify(args) -> int:
     return 0
 
 
-def _print_table(rows: list[dict]) -> None:
+def _norm_label(norm: str) -> str:
+    """``"L2"`` or ``"L∞"``: how tables and summaries name the threat model's norm."""
+    return {"l2": "L2", "linf": "L∞"}.get(norm, norm)
+
+
+def _print_table(rows: list[dict], norm: str = "l2") -> None:
     has_truth = any("true_label" in row for row in rows)
-    header = ["image", "prediction", "certified", "radius"] + (["true", "correct"] if has_truth else [])
+    header = ["image", "prediction", "certified", f"radius ({_norm_label(norm)})"] + (
+        ["true", "correct"] if has_truth else [])
     table = []
     for row in rows:
         name = row["source"] if row["index"] is None else f"{row['source']}[{row['index']}]"
@@ -171,7 +178,8 @@ def _verify(args) -> int:
     model, _ = _load_model(args.model, check_bound=False)
     recorded = model.config.lipschitz_constant
     recomputed = model.lipschitz_constant()
-    report = {"model": args.model, "recorded": recorded, "recomputed": recomputed, "rtol": args.rtol}
+    report = {"model": args.model, "norm": model.config.norm, "recorded": recorded, "recomputed": recomputed,
+              "rtol": args.rtol}
     if recorded is None:
         status, message = 1, "no recorded bound in config.json (lipschitz_constant is null): nothing to verify"
     else:
@@ -190,6 +198,8 @@ def _verify(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        print(f"norm of the certificates:   {_norm_label(model.config.norm)} (bound from {_norm_label(model.config.norm)} "
+              "to L2 features)")
         print(f"recorded Lipschitz bound:   {recorded!r}")
         print(f"recomputed from the weights: {recomputed!r}")
         if "relative_difference" in report:
@@ -249,6 +259,7 @@ def _card(args) -> int:
     metrics = evaluation.metrics()
     print(f"wrote {os.path.join(output, 'README.md')} and the certified-accuracy plot: clean accuracy "
           f"{metrics['clean_accuracy']:.2%}, VRA {metrics['vra']:.2%} at ε = {evaluation.epsilon:g} "
+          f"({_norm_label(evaluation.norm)}) "
           f"({evaluation.num_examples} images of {description})")
     return 0
 
@@ -292,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     certify.add_argument("model", help="model folder or Hub repo id")
     certify.add_argument("images", nargs="+",
                          help="image files, folders, parquet:/dir:split, a data set folder or a Hub data set name")
-    certify.add_argument("--epsilon", type=float, help="certifying L2 radius (default: the model's ε)")
+    certify.add_argument("--epsilon", type=float,
+                         help="certifying radius in the model's norm, config.norm: L2 or L∞ (default: the model's ε)")
     certify.add_argument("--json", action="store_true", help="print JSON instead of a table")
     certify.add_argument("--batch-size", type=_positive_int, default=64)
     certify.add_argument("--split", default="test", help="split of data set inputs (default: test)")
@@ -318,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parquet:/dir:split, a data set folder, sklearn/digits or a Hub name")
     _add_card_arguments(card)
     card.add_argument("--output", help="folder to write to (default: MODEL when it is a folder)")
-    card.add_argument("--epsilon", type=float, help="certifying radius for the card (default: the model's ε)")
+    card.add_argument("--epsilon", type=float,
+                      help="certifying radius for the card, in the model's norm (default: the model's ε)")
     card.add_argument("--repo-id", help="repo id shown in the card's code snippets")
     card.add_argument("--quiet", action="store_true")
     card.set_defaults(handler=_card)

@@ -40,6 +40,17 @@ __all__ = [
 ]
 
 
+#: The threat models a certificate can be about, and how reports name them.
+NORM_LABELS = {"l2": "L2", "linf": "L∞"}
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` if it is ``"l2"`` or ``"linf"``, else a one-line ``ValueError``."""
+    if norm not in NORM_LABELS:
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    return norm
+
+
 def radius_key(radius: float) -> str:
     """Metric name of the VRA at an extra radius: ``vra@0.45``."""
     return f"vra@{radius:.4g}"
@@ -51,8 +62,10 @@ def certified_metrics(
     radius: np.ndarray | torch.Tensor,
     epsilon: float,
     extra_radii: Sequence[float] = (),
+    norm: str = "l2",
 ) -> dict[str, float]:
-    """Metrics from per-point predictions and certified radii.
+    """Metrics from per-point predictions and certified radii (``epsilon``, the radii and ``extra_radii`` all in the
+    certificate's ``norm``: ``"l2"`` or ``"linf"``; checked, the values do not depend on it).
 
     * ``clean_accuracy`` = mean(prediction == label);
     * ``vra`` = mean(prediction == label and radius > ε) (certified *and* correct); ``vra@r`` likewise per
@@ -71,6 +84,7 @@ def certified_metrics(
     epsilon = float(epsilon)
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon}")
+    check_norm(norm)
     correct = predictions == labels
     metrics = {
         "clean_accuracy": float(correct.mean()),
@@ -95,7 +109,7 @@ def certified_accuracy_metric():
 
 
 def compute_certified_metrics(
-    predictions, labels, radius, epsilon: float, extra_radii: Sequence[float] = ()
+    predictions, labels, radius, epsilon: float, extra_radii: Sequence[float] = (), norm: str = "l2"
 ) -> dict[str, float]:
     """:func:`certified_metrics`, computed through the ``evaluate`` metric module (what the trainer and the
     card report)."""
@@ -106,7 +120,7 @@ def compute_certified_metrics(
         raise ValueError("predictions, labels and radius must have the same length")
     return certified_accuracy_metric().compute(
         predictions=predictions, references=labels, certified_radii=radius, epsilon=float(epsilon),
-        extra_radii=[float(r) for r in extra_radii],
+        extra_radii=[float(r) for r in extra_radii], norm=check_norm(norm),
     )
 
 
@@ -156,16 +170,17 @@ def _certify_all(model, batches: Iterable, epsilon: float, progress: bool):
 
     device = next(model.parameters()).device
     predictions, labels, radius = [], [], []
-    bound = None
+    bound, norm = None, "l2"
     for pixel_values, batch_labels in tqdm(batches, desc="certifying", disable=not progress, leave=False):
         certificate = certify_exactly(model, torch.as_tensor(pixel_values).to(device), epsilon)
-        bound = certificate.lipschitz_constant
+        bound, norm = certificate.lipschitz_constant, getattr(certificate, "norm", "l2")
         predictions.append(certificate.predictions.cpu())
         radius.append(certificate.radius.cpu())
         labels.append(torch.as_tensor(batch_labels).cpu())
     if not labels:
         raise ValueError("no examples to evaluate")
-    return torch.cat(predictions).numpy(), torch.cat(labels).numpy(), torch.cat(radius).numpy(), float(bound)
+    return (torch.cat(predictions).numpy(), torch.cat(labels).numpy(), torch.cat(radius).numpy(), float(bound),
+            norm)
 
 
 # --- per-example evaluation (cards and plots) -------------------------------------------------------------
@@ -182,6 +197,7 @@ class CertifiedEvaluation:
         dataset_split: the split evaluated.
         radii: radii that get a VRA entry in the model-index (ε always included).
         dataset_name: human-readable name (defaults to ``dataset_id``).
+        norm: the norm of ``epsilon``, the radii and the certificates (``"l2"`` or ``"linf"``).
     """
 
     predictions: np.ndarray
@@ -193,8 +209,10 @@ class CertifiedEvaluation:
     dataset_split: str = "test"
     radii: list[float] = field(default_factory=list)
     dataset_name: str | None = None
+    norm: str = "l2"
 
     def __post_init__(self) -> None:
+        check_norm(self.norm)
         self.predictions = np.asarray(self.predictions, dtype=np.int64).reshape(-1)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         self.radius = np.asarray(self.radius, dtype=np.float64).reshape(-1)
@@ -218,7 +236,8 @@ class CertifiedEvaluation:
 
     def metrics(self) -> dict[str, float]:
         """The certified-accuracy metric at ``epsilon``, with ``vra@r`` for every radius."""
-        return compute_certified_metrics(self.predictions, self.labels, self.radius, self.epsilon, self.radii)
+        return compute_certified_metrics(self.predictions, self.labels, self.radius, self.epsilon, self.radii,
+                                         self.norm)
 
     def certified_accuracy(self, radius: float | Sequence[float]) -> np.ndarray:
         """Fraction of examples that are correct and certified beyond ``radius`` (VRA at that radius)."""
@@ -239,7 +258,7 @@ class CertifiedEvaluation:
         """JSON-ready summary (metrics and curve; not the per-example arrays)."""
         return {
             "dataset": self.dataset_id, "dataset_name": self.dataset_name, "split": self.dataset_split,
-            "num_examples": self.num_examples, "epsilon": self.epsilon, "norm": "l2",
+            "num_examples": self.num_examples, "epsilon": self.epsilon, "norm": self.norm,
             "lipschitz_constant": self.lipschitz_constant, "radii": self.radii, "metrics": self.metrics(),
             **self.curve(),
         }
@@ -265,11 +284,11 @@ def evaluate_for_card(
     """
     epsilon = float(model.config.epsilon if epsilon is None else epsilon)
     radii = [epsilon / 2, epsilon, 2 * epsilon] if radii is None else list(radii)
-    predictions, labels, radius, bound = _certify_all(
+    predictions, labels, radius, bound, norm = _certify_all(
         model, iter_labelled_batches(model, data, batch_size, limit), epsilon, progress)
     return CertifiedEvaluation(
         predictions=predictions, labels=labels, radius=radius, epsilon=epsilon, lipschitz_constant=bound,
-        dataset_id=dataset_id, dataset_split=dataset_split, radii=radii, dataset_name=dataset_name,
+        dataset_id=dataset_id, dataset_split=dataset_split, radii=radii, dataset_name=dataset_name, norm=norm,
     )
 
 
@@ -282,11 +301,13 @@ def evaluate_certified(
     progress: bool = True,
 ) -> dict[str, float]:
     """Certify ``batches`` (anything :func:`iter_labelled_batches` accepts) and return the metrics, plus
-    ``lipschitz_constant`` (the guaranteed bound used) and ``num_examples``."""
+    ``lipschitz_constant`` (the guaranteed bound used), ``num_examples`` and ``norm`` (``"l2"``/``"linf"``: the
+    norm of ε and the radii)."""
     epsilon = float(model.config.epsilon if epsilon is None else epsilon)
-    predictions, labels, radius, bound = _certify_all(model, iter_labelled_batches(model, batches), epsilon,
-                                                      progress)
-    metrics = compute_certified_metrics(predictions, labels, radius, epsilon, extra_radii)
+    predictions, labels, radius, bound, norm = _certify_all(model, iter_labelled_batches(model, batches), epsilon,
+                                                            progress)
+    metrics = compute_certified_metrics(predictions, labels, radius, epsilon, extra_radii, norm)
     metrics["lipschitz_constant"] = bound
+    metrics["norm"] = norm
     metrics["num_examples"] = len(labels)
     return metrics

@@ -6,7 +6,7 @@ This module only renders and plots; the figures come from :mod:`hf_gloro.evaluat
 The card is rendered from ``model_cards/gloro_model_card.md`` with :meth:`huggingface_hub.ModelCard.from_template`.
 Its metadata carries a ``model-index`` with clean accuracy and one verified-robust-accuracy (VRA) entry per
 radius (``metric_args``: norm, ε, certifier), so the Hub and ``ModelCard.load`` read them back. Next to the card
-go ``certified_accuracy.png`` (certified accuracy vs. L2 radius, from the per-example certified radii) and the
+go ``certified_accuracy.png`` (certified accuracy vs. radius in the model's norm, L2 or L∞, from the per-example certified radii) and the
 curve's data as ``certified_accuracy.json`` / ``.csv``.
 
 Example:
@@ -30,7 +30,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 # The evaluation itself lives in hf_gloro.evaluation; re-exported here for existing imports.
-from .evaluation import CertifiedEvaluation, evaluate_for_card  # noqa: F401
+from .evaluation import NORM_LABELS, CertifiedEvaluation, evaluate_for_card  # noqa: F401
 
 #: File names written next to the card.
 PLOT_FILE = "certified_accuracy.png"
@@ -85,7 +85,7 @@ def save_certified_accuracy_curve(evaluation: CertifiedEvaluation, directory: st
     vra = 100 * data["metrics"]["vra"]
     axes.axvline(evaluation.epsilon, color="tab:red", linestyle="--", linewidth=1)
     axes.plot([evaluation.epsilon], [vra], "o", color="tab:red", label=f"ε = {evaluation.epsilon:.4g}: {vra:.1f}%")
-    axes.set_xlabel("L2 radius (pixel scale, images in [0, 1])")
+    axes.set_xlabel(f"{NORM_LABELS[evaluation.norm]} radius (pixel scale, images in [0, 1])")
     axes.set_ylabel("certified accuracy (%)")
     axes.set_xlim(0, data["radius"][-1])
     axes.set_ylim(0, 100)
@@ -134,7 +134,8 @@ def describe_training(record: dict, results: dict | None = None) -> str:
     if augmentation:
         lines.append(f"- **Augmentation:** {', '.join(augmentation)}")
     epsilon = format_radius(float(model.get("epsilon", 0)))
-    lines.append(f"- **Model:** `{model.get('backbone')}`, certifying ε = {epsilon}, "
+    norm = NORM_LABELS.get(model.get("norm", "l2"), model.get("norm"))
+    lines.append(f"- **Model:** `{model.get('backbone')}`, certifying ε = {epsilon} ({norm}), "
                  f"{model.get('power_iterations')} power iterations per step, head normalisation "
                  f"`{model.get('head_normalization')}`")
     loss = args.get("gloro_loss", "gloro_ce")
@@ -183,16 +184,17 @@ def format_radius(value: float) -> str:
 def eval_results(evaluation: CertifiedEvaluation) -> list[EvalResult]:
     """Model-index entries: clean accuracy, then one VRA entry per radius (norm and ε in ``metric_args``)."""
     metrics = evaluation.metrics()
-    common = dict(task_type=TASK_TYPE, task_name="Certified image classification (L2)",
+    norm = evaluation.norm
+    common = dict(task_type=TASK_TYPE, task_name=f"Certified image classification ({NORM_LABELS[norm]})",
                   dataset_type=evaluation.dataset_id, dataset_name=evaluation.dataset_name,
                   dataset_split=evaluation.dataset_split)
     results = [EvalResult(metric_type="accuracy", metric_name="Clean accuracy",
                           metric_value=metrics["clean_accuracy"], **common)]
     for r in evaluation.radii:
         results.append(EvalResult(
-            metric_type="verified_robust_accuracy", metric_name=f"VRA (l2, eps={r:.4g})",
+            metric_type="verified_robust_accuracy", metric_name=f"VRA ({norm}, eps={r:.4g})",
             metric_value=float(evaluation.certified_accuracy(r)),
-            metric_args={"norm": "l2", "epsilon": float(r), "certifier": CERTIFIER,
+            metric_args={"norm": norm, "epsilon": float(r), "certifier": CERTIFIER,
                          "lipschitz_constant": float(evaluation.lipschitz_constant)},
             **common,
         ))
@@ -218,6 +220,9 @@ def build_model_card(
     """
     config = model.config
     bound = float(model.lipschitz_constant())
+    norm = getattr(config, "norm", "l2")
+    if evaluation is not None and evaluation.norm != norm:
+        raise ValueError(f"the evaluation's certificates are {evaluation.norm} but the model certifies {norm}")
     if evaluation is not None and not math.isclose(evaluation.lipschitz_constant, bound, rel_tol=1e-12):
         raise ValueError(
             f"the evaluation was computed with Lipschitz bound {evaluation.lipschitz_constant!r} but the model's "
@@ -238,10 +243,12 @@ def build_model_card(
     )
     variables = dict(
         title=model_name,
-        summary=(f"A certifiably robust image classifier: every prediction comes with an L2 certificate "
+        summary=(f"A certifiably robust image classifier: every prediction comes with an {NORM_LABELS[norm]} "
+                 "certificate "
                  f"at ε = {format_radius(float(config.epsilon))} (pixel scale)."),
         repo_id=repo_id,
         epsilon_str=format_radius(float(config.epsilon)),
+        norm=norm, norm_label=NORM_LABELS[norm],
         lipschitz_constant_repr=repr(bound),
         head_normalization=config.head_normalization,
         backbone=config.backbone,

@@ -1,4 +1,5 @@
-"""``pipeline("certified-image-classification")``: image classification with an L2 certificate per image.
+"""``pipeline("certified-image-classification")``: image classification with a certificate per image (L2, or L∞ for
+a model with ``config.norm == "linf"``: its results then also carry ``"norm": "linf"``).
 
 Example:
 
@@ -33,14 +34,15 @@ class CertifiedImageClassificationPipeline(ImageClassificationPipeline):
 
     Every result dict has ``label`` and ``score`` (softmax over the class logits, as in
     ``image-classification``) plus ``certified``, ``radius`` and ``epsilon``. The certificate is about the
-    *predicted* class: its entry has ``certified`` (no input within L2 distance ``epsilon`` of the
-    preprocessed image changes the prediction) and ``radius`` (the largest radius the certificate proves);
+    *predicted* class: its entry has ``certified`` (no input within distance ``epsilon`` of the preprocessed
+    image, in ``config.norm``, changes the prediction) and ``radius`` (the largest radius the certificate proves);
     other labels (``top_k > 1``) get ``certified=False`` and ``radius=0.0``. Certificates come from
     ``model.certify`` (guaranteed bound only).
 
     Call arguments: ``epsilon`` (default ``config.epsilon``), ``top_k`` (default 1), ``function_to_apply``,
     ``timeout``, ``resize`` and ``convert`` (default ``False``). Radii are in the pixel scale of the model's
-    input (in [0, 1]).
+    input (in [0, 1]). For an L∞ model (``config.norm == "linf"``) every result also has ``"norm": "linf"``:
+    ``epsilon`` and ``radius`` are then L∞ distances (L2 results keep exactly the keys above).
 
     Images must have the model's size and colour mode (grayscale ``L`` for 1 channel, ``RGB`` for 3): others
     raise ``ValueError`` naming the file and the expected size, unless ``resize=True`` / ``convert=True``; the
@@ -145,6 +147,9 @@ class CertifiedImageClassificationPipeline(ImageClassificationPipeline):
             is_prediction = entry["label"] == predicted
             result = {**entry, "certified": certified and is_prediction, "radius": radius if is_prediction else 0.0,
                       "epsilon": epsilon}
+            norm = getattr(self.model.config, "norm", "l2")
+            if norm != "l2":  # L2 results keep their historical keys; any other norm is named on every result
+                result["norm"] = norm
             if note is not None:
                 result["preprocessing"] = note
             results.append(result)

@@ -85,7 +85,8 @@ class ModelArguments:
     adaptation: str | None = field(default=None, metadata={
         "help": "JSON dict of adaptation options for a timm backbone that is not a native Lipschitz one (e.g. "
                 "resnet18): activation, batchnorm, layernorm, stem, pool, init; see hf_gloro.GloRoConfig"})
-    epsilon: float = field(default=0.3, metadata={"help": "certifying L2 radius (pixels in [0, 1])"})
+    epsilon: float = field(default=0.3, metadata={"help": "certifying radius in `norm` (pixels in [0, 1])"})
+    norm: str = field(default="l2", metadata={"help": "threat model: l2 | linf (ε, radii and the bound in that norm)"})
     head_normalization: str = field(default="none", metadata={"help": "none | lln"})
     power_iterations: int = field(default=10, metadata={"help": "power-iteration steps per training step"})
     image_mean: list[float] | None = field(default=None, metadata={"help": "per-channel mean (inside the model)"})
@@ -412,6 +413,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, label_name
         num_channels=data_args.num_channels,
         image_size=data_args.image_size,
         epsilon=float(model_args.epsilon),
+        norm=model_args.norm,
         head_normalization=model_args.head_normalization,
         power_iterations=model_args.power_iterations,
         image_mean=model_args.image_mean,
@@ -446,6 +448,7 @@ def test_evaluation(prediction, data_args: DataArguments, model, bound: float, e
         predictions=summary[:, 0].astype("int64"), labels=prediction.label_ids, radius=summary[:, 1],
         epsilon=epsilon, lipschitz_constant=bound, dataset_id=data_args.dataset_name, dataset_split=split,
         radii=sorted({epsilon / 2, epsilon, 2 * epsilon, *map(float, extra_radii)}), dataset_name=name,
+        norm=model.config.norm,
     )
 
 
@@ -516,7 +519,7 @@ def _print_summary(summary: dict, model, trainer, output: str) -> None:
     best = trainer.state.best_model_checkpoint
     print(
         f"[hf-gloro] test: clean accuracy {summary['test_clean_accuracy']:.4f}  "
-        f"VRA@{model.config.epsilon:g} {summary['test_vra']:.4f}  rejection {summary['test_rejection_rate']:.4f}  "
+        f"VRA@{model.config.epsilon:g} ({model.config.norm}) {summary['test_vra']:.4f}  rejection {summary['test_rejection_rate']:.4f}  "
         f"Lipschitz bound {summary['test_lipschitz_constant']:.4g}\n"
         f"[hf-gloro] validation VRA {summary['eval_vra']:.4f}"
         f"{f' (best checkpoint: {os.path.basename(best)})' if best else ''}; "

@@ -8,8 +8,8 @@ from hf_gloro.evaluation import certified_metrics
 
 _DESCRIPTION = """
 Certified accuracy of a classifier that returns, for every input, a prediction and a certified radius: the
-largest L2 distance within which no perturbation of the input can change the prediction (e.g. a GloRo
-net's `model.certify(x).radius`).
+largest distance (in the certificate's norm, L2 or L∞: pass `norm`) within which no perturbation of the
+input can change the prediction (e.g. a GloRo net's `model.certify(x).radius`, in `model.config.norm`).
 
 * `clean_accuracy`: fraction of predictions equal to the reference label;
 * `vra`: verified-robust accuracy at `epsilon`, the fraction of inputs that are classified correctly **and**
@@ -26,6 +26,8 @@ Args:
     certified_radii (`list` of `float`): certified radius of each prediction (`inf` allowed).
     epsilon (`float`): the certifying radius (> 0).
     extra_radii (`list` of `float`, optional): further radii with a `vra@r` entry (`r` printed with `%.4g`).
+    norm (`str`, optional): the norm of the radii and of `epsilon`, `"l2"` (default) or `"linf"`
+        (`model.config.norm`); checked, the values do not depend on it.
 Returns:
     `clean_accuracy`, `vra`, `rejection_rate`, `median_certified_radius` and one `vra@r` per extra radius
     (all floats).
@@ -63,7 +65,7 @@ class CertifiedAccuracy(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/2102.08452"],
         )
 
-    def _compute(self, predictions, references, certified_radii, epsilon=None, extra_radii=()):
+    def _compute(self, predictions, references, certified_radii, epsilon=None, extra_radii=(), norm="l2"):
         if epsilon is None:
             raise ValueError("certified accuracy needs the certifying radius: compute(..., epsilon=...)")
-        return certified_metrics(predictions, references, certified_radii, epsilon, extra_radii or ())
+        return certified_metrics(predictions, references, certified_radii, epsilon, extra_radii or (), norm)
