@@ -57,7 +57,7 @@ def test_config_rejects_bad_values(bad, message):
 
 def test_config_rejects_bad_types_and_norms():
     with pytest.raises(StrictDataclassFieldValidationError):
-        GloRoConfig(norm="linf")
+        GloRoConfig(norm="l1")  # "l2" and "linf" are the supported norms
     with pytest.raises(StrictDataclassFieldValidationError):
         GloRoConfig(power_iterations="5")
     with pytest.raises(StrictDataclassFieldValidationError):
