@@ -159,7 +159,9 @@ def _norm_label(norm: str) -> str:
 
 def _print_table(rows: list[dict], norm: str = "l2") -> None:
     has_truth = any("true_label" in row for row in rows)
-    header = ["image", "prediction", "certified", f"radius ({_norm_label(norm)})"] + (
+    # L2 tables keep their historical header (the summary line names the norm); any other norm is in the header too
+    radius = "radius" if norm == "l2" else f"radius ({_norm_label(norm)})"
+    header = ["image", "prediction", "certified", radius] + (
         ["true", "correct"] if has_truth else [])
     table = []
     for row in rows:
