@@ -25,6 +25,12 @@ from .conv import LipschitzConv2d
 from .head import GloRoHead
 from .graph import GraphBoundReport, LipschitzGraph, graph_lipschitz_bound, graph_lipschitz_estimate
 from .linear import LipschitzLinear
+from .linf import (
+    conv2d_linf_to_l2_bounds,
+    dense_linf_to_l2_bounds,
+    exact_linf_to_l2_norm,
+    prefix_constants,
+)
 from .margins import bottom_logit, certify_logits, gloro_logits, pairwise_row_distances
 from .normalization import InputNormalization
 from .orthogonal import CholeskyOrthogonalLinear, cholesky_orthogonalize, orthogonal_mlp
@@ -61,6 +67,10 @@ __all__ = [
     "cholesky_orthogonalize",
     "check_bounded_forward",
     "content_digest",
+    "conv2d_linf_to_l2_bounds",
+    "dense_linf_to_l2_bounds",
+    "exact_linf_to_l2_norm",
+    "prefix_constants",
     "certify_logits",
     "conv2d_spectral_norm_bound",
     "converge_power_iterates",

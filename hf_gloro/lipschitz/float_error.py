@@ -26,7 +26,9 @@ Propagation along a chain ``z_ℓ = φ_ℓ(z_{ℓ−1})`` (``z_0 = x``, the inpu
     tighter than propagating ``‖x‖`` through products of norms.
 
 The ball (every ``x'`` with ``‖x' − x‖ ≤ r``), evaluated in float64
-    Exact activations obey ``‖z_ℓ(x')‖ ≤ S_ℓ + Π_ℓ·r`` with ``S_ℓ = ‖ẑ_ℓ(x)‖ + D_ℓ(x)`` and ``Π_ℓ = L_1⋯L_ℓ``.
+    Exact activations obey ``‖z_ℓ(x')‖ ≤ S_ℓ + Π_ℓ·r`` with ``S_ℓ = ‖ẑ_ℓ(x)‖ + D_ℓ(x)`` and ``Π_ℓ = L_1⋯L_ℓ`` (L2
+    ball). For an L∞ ball (``‖x' − x‖∞ ≤ r``) ``Π_ℓ`` is replaced by the ∞→2 prefix constant ``P_ℓ`` of
+    :func:`~hf_gloro.lipschitz.linf.prefix_constants` (``P_0 = √d``); nothing else in the analysis changes.
     The same recursion with ``u = 2⁻⁵³`` then gives a float64 deviation ``D'_ℓ(r) = c_ℓ + s_ℓ·r`` that is affine in
     ``r`` (see :func:`ball_deviation_float64`), so certified radii stay closed-form.
 """
