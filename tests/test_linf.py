@@ -196,6 +196,30 @@ def test_l2_numbers_are_bit_identical_with_and_without_prefix_constants():
     assert torch.equal(new_result.logits, old_result.logits)
 
 
+def test_linf_ball_terms_dominate_the_pointwise_bounds_at_the_ball_vertices():
+    """For x' = x + r·sign(noise) (the vertices of the L∞ ball, the farthest points in L2): the float64 deviation at x'
+    is within the ball terms ``c + s·r`` and the feature norm within ``S_L + P_L·r`` (+ its own deviation)."""
+    model = GloRoForImageClassification(GloRoConfig(backbone="gloro_2c2f", epsilon=0.1, norm="linf")).eval()
+    constants = model._certification_constants()
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    tightest = 0.0
+    with certification_numerics(), torch.no_grad():
+        trace = run_chain(constants.leaves, constants.lipschitz, constants.rounding, x)
+        c, s, exact_norm, product = ball_deviation_float64(trace, constants.lipschitz, constants.rounding,
+                                                           constants.prefix)
+        assert float(product[0]) == pytest.approx(constants.sub_lipschitz)
+        for r in (1e-3, 0.1, 1.0):
+            for _ in range(4):
+                x2 = x + r * torch.randn(x.shape, generator=g, dtype=torch.float64).sign()
+                there = run_chain(constants.leaves, constants.lipschitz, constants.rounding, x2)
+                assert (there.deviations[-1] <= c + s * r).all()
+                grown = there.output.flatten(1).norm(dim=1) - there.deviations[-1] - exact_norm
+                assert (grown <= product * r).all()
+                tightest = max(tightest, float((grown / (product * r)).max()))
+    print(f"largest feature growth / (P_L·r) at the vertices: {tightest:.3f}")
+
+
 def test_changing_weights_changes_the_linf_certificate():
     model = GloRoForImageClassification(GloRoConfig(backbone="gloro_2c2f", epsilon=0.1, norm="linf")).eval()
     first = model.lipschitz_constant()
