@@ -438,3 +438,29 @@ def test_cli_card_metric_and_pipeline_name_the_norm(trained, mnist, tmp_path, ca
     classifier = pipeline("certified-image-classification", model=str(folder))
     (top,) = classifier(paths[0])
     assert top["norm"] == "linf" and top["epsilon"] == pytest.approx(EPSILON)
+
+
+def test_recipe_accepts_norm_and_the_trainer_runs_an_linf_model(tmp_path):
+    import pathlib
+    import sys
+
+    from gloro_helpers import tiny_model, tiny_trainer
+
+    recipes = pathlib.Path(__file__).resolve().parents[1] / "recipes"
+    sys.path.insert(0, str(recipes))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(recipes))
+    model_args, data_args, _ = train.parse_arguments(
+        [str(recipes / "configs" / "mnist_eps0.3.yaml"), "--norm", "linf", "--epsilon", "0.1",
+         "--output_dir", str(tmp_path / "recipe")])
+    model = train.build_model(model_args, data_args, [str(i) for i in range(10)])
+    assert model.config.norm == "linf" and model.config.epsilon == 0.1
+
+    trainer = tiny_trainer(str(tmp_path / "run"), model=tiny_model(epsilon=0.1, norm="linf"), max_steps=8,
+                           eval_steps=8, save_steps=8)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_lipschitz_constant"] == trainer.model.lipschitz_constant()
+    assert trainer.model._certification_constants().norm == "linf"
