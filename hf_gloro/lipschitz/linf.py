@@ -64,7 +64,7 @@ from .spectral_bounds import _pair, conv2d_spectral_norm_bound, dense_spectral_n
 GRAM_MAX_INPUTS: int = 4096
 
 #: ... and only while forming it costs at most this many multiply-adds (rows × inputs × taps).
-GRAM_MAX_WORK: float = 4e9
+GRAM_MAX_WORK: float = 1e9
 
 _U64 = 2.0**-53
 
