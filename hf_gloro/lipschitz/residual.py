@@ -82,6 +82,11 @@ class LinearResidualConv2d(_ConvGeometry, LipschitzBounded, nn.Module):
         # follows the input's dtype for a float64 re-evaluation.
         self._check_input_size(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.training and x.dtype == torch.float32 and x.device.type == "cpu" and x.requires_grad:
+            # Training on the CPU: oneDNN's channels-last kernels are faster, and the format carries through the
+            # MinMax and the following blocks (one copy for the whole trunk). Values may differ in the last bits
+            # (summation order); certificates do not use this path, and any order obeys their error model.
+            x = x.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, self.effective_kernel().to(x.dtype), bias, padding=1)
 
     _bounded_forward = forward
