@@ -388,7 +388,8 @@ class GloRoTrainer(Trainer):
         summary = np.asarray(prediction.predictions, dtype=np.float64)
         labels = np.asarray(prediction.label_ids).reshape(-1)
         metrics = compute_certified_metrics(summary[:, 0].astype(np.int64), labels, summary[:, 1],
-                                            self.certifying_epsilon, self.args.extra_eval_radii)
+                                            self.certifying_epsilon, self.args.extra_eval_radii,
+                                            norm=self._unwrapped().config.norm)  # ε and radii are in this norm
         metrics["epsilon"] = self.certifying_epsilon
         metrics.update(self._last_certification or {"lipschitz_constant": self._unwrapped().lipschitz_constant()})
         return metrics
