@@ -20,6 +20,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
+    shared 2-core machine two OpenMP threads made dense SVDs, float64 convolutions and short trainings many times
+    slower in CPU time (spinning threads under contention)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

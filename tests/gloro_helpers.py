@@ -75,6 +75,26 @@ class _KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+
+def rebuilt(model: hf_gloro.GloRoForImageClassification) -> hf_gloro.GloRoForImageClassification:
+    """A fresh instance with the same weights (no cached bound): what a patched bound is recomputed on."""
+    clone = hf_gloro.GloRoForImageClassification(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone.eval()
+
+
+def attack_logits(model, x):
+    """Logits of normalisation → backbone → head (float32), differentiable, for inputs anywhere in R^n."""
+    return model.head(model.backbone(model.normalization(x)))
+
+
+def margin_to_runner_up(model, x, target):
+    """``y_target − max_{i≠target} y_i`` of :func:`attack_logits` (≤ 0: the attack changed the prediction)."""
+    logits = attack_logits(model, x)
+    top = logits.gather(1, target[:, None]).squeeze(1)
+    others = logits.scatter(1, target[:, None], float("-inf"))
+    return top - others.max(dim=1).values
+
 def _resume_main(argv: list[str]) -> None:
     output_dir = argv[0]
     kill_at = int(argv[argv.index("--kill-at") + 1]) if "--kill-at" in argv else None

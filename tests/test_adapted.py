@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from gloro_helpers import attack_logits, rebuilt
 from test_soundness_backbones import jacobian_spectral_norms
 from test_soundness_mnist import pgd_l2
 from torch import nn
@@ -51,12 +52,7 @@ def perturb_statistics(model: GloRoForImageClassification, steps: int = 2, seed:
     model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- configuration ------------------------------------------------------------------------------------------------
@@ -173,7 +169,7 @@ def test_eval_forward_logits_keep_their_gradient():
     assert logits.requires_grad, "eval-mode logits of an adapted model have no gradient path"
     (grad,) = torch.autograd.grad(logits[:, 3].sum(), x)
     x_plain = x.detach().clone().requires_grad_(True)
-    (expected,) = torch.autograd.grad(plain_logits(model, x_plain)[:, 3].sum(), x_plain)
+    (expected,) = torch.autograd.grad(attack_logits(model, x_plain)[:, 3].sum(), x_plain)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
 
@@ -276,22 +272,11 @@ def trained(cifar):
     return model
 
 
-def rebuilt(model: GloRoForImageClassification) -> GloRoForImageClassification:
-    clone = GloRoForImageClassification(model.config)
-    clone.load_state_dict(model.state_dict())
-    return clone.eval()
-
-
-def plain_logits(model, x):
-    """normalisation → backbone → head in float32, differentiable (the attacks' view of the network)."""
-    return model.head(model.backbone(model.normalization(x)))
-
-
 def check_margin_gradients(model, x) -> float:
     """‖∇ₓ(y_j − y_i)‖ ≤ K_ji at every input and pair; returns the largest ratio."""
     constants = model.margin_lipschitz_constants()
     x = x.detach().clone().requires_grad_(True)
-    logits = plain_logits(model, x)
+    logits = attack_logits(model, x)
     grads = torch.stack([torch.autograd.grad(logits[:, j].sum(), x, retain_graph=True)[0].flatten(1).double()
                          for j in range(logits.shape[1])], dim=1)
     norms = (grads[:, :, None] - grads[:, None, :]).norm(dim=-1)

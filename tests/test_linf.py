@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gloro_helpers import attack_logits, margin_to_runner_up
 
 import hf_gloro
 from hf_gloro import GloRoConfig, GloRoForImageClassification
@@ -35,12 +36,7 @@ EPSILON = 0.05  # L∞, pixel scale
 TRAIN_EPSILON = 0.08
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the ∞→2 bounds against the exact norm --------------------------------------------------------------------
@@ -272,16 +268,6 @@ def trained(mnist):
             optimizer.step()
     print(f"trained in {time.process_time() - start:.1f}s CPU")
     return model.eval()
-
-
-def attack_logits(model, x):
-    return model.head(model.backbone(model.normalization(x)))
-
-
-def margin_to_runner_up(model, x, target):
-    logits = attack_logits(model, x)
-    top = logits.gather(1, target[:, None]).squeeze(1)
-    return top - logits.scatter(1, target[:, None], float("-inf")).max(dim=1).values
 
 
 def pgd_linf(model, x, target, radius, steps=30, restarts=3, box=False, seed=0):

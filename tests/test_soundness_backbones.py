@@ -342,14 +342,7 @@ def check_features_match_certified_forward(model: GloRoForImageClassification, x
 
 # --- fixtures and tests ------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here: on a shared 2-core machine two OpenMP threads made the dense SVDs and float64
-    convolutions of this module ~10× slower in CPU time (spinning threads under contention)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Measured:

@@ -22,6 +22,7 @@ import time
 
 import pytest
 import torch
+from gloro_helpers import margin_to_runner_up, rebuilt
 
 from hf_gloro import GloRoConfig, GloRoForImageClassification
 from hf_gloro.data import image_column, images_to_pixels, load_image_dataset
@@ -40,13 +41,7 @@ EPSILON = 0.3
 TRAIN_EPSILON = 2.5  # a large training ε makes the network use its Lipschitz budget: the certificate gets tighter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here (two OpenMP threads on a shared 2-core machine multiplied the CPU time)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -84,26 +79,7 @@ def trained(mnist):
     return model.eval()
 
 
-def rebuilt(model: GloRoForImageClassification) -> GloRoForImageClassification:
-    """A fresh instance with the same weights (no cached bound): what a patched bound is recomputed on."""
-    clone = GloRoForImageClassification(model.config)
-    clone.load_state_dict(model.state_dict())
-    return clone.eval()
-
-
 # --- attacks ----------------------------------------------------------------------------------------------------
-
-def attack_logits(model, x):
-    """Logits of normalisation → backbone → head (float32), differentiable, for inputs anywhere in R^n."""
-    return model.head(model.backbone(model.normalization(x)))
-
-
-def margin_to_runner_up(model, x, target):
-    logits = attack_logits(model, x)
-    top = logits.gather(1, target[:, None]).squeeze(1)
-    others = logits.scatter(1, target[:, None], float("-inf"))
-    return top - others.max(dim=1).values
-
 
 def pgd_l2(model, x, target, radius, steps=40, restarts=1, box=False, seed=0):
     """L2 PGD minimising the margin of ``target`` within ``‖δ‖ ≤ radius`` (per row); returns the best δ and
