@@ -56,7 +56,7 @@ Error model of the convolution bound (``u = 2⁻⁵³``, ``γ_k = k·u/(1 − k�
        ``|ΔP_d| ≤ γ_m Σ|A_q||A_q'|ᵀ``. ``P_d ± P_dᵀ``: one rounding (``u``). The phase ``φ = 2π·k/(M_h M_w)``
        has an exact integer ``k`` reduced modulo ``M_h M_w``; its two roundings and those of ``cos``/``sin``
        (libm/SLEEF, ≤ 4 ulp) give an absolute error ``≤ 32u`` in each coefficient. The combination is a sum
-       of at most ``2|H| + 1`` terms (``γ_{2|H|+1}``; the real part has ``1 + |H|``, the imaginary part ``|H|``, one GEMM each). Real and imaginary parts
+       of at most ``2|H| + 1`` terms (``γ_{2|H|+1}``; the real part has ``1 + |H|`` nonzero terms, the imaginary part ``|H|``; one GEMM forms both, the other slots multiplying exact zeros, which add nothing). Real and imaginary parts
        each err by at most ``c·u·W`` with ``c = m + 2|H| + 41`` (first order; doubled for the higher-order
        terms) and ``W = Σ_{q,q'}|A_q||A_q'|ᵀ = ĀĀᵀ``, ``Ā = Σ_q |A_q|``, hence ``‖Ĝ − G‖₂ ≤ ‖|ΔG|‖₂ ≤ ε_form := 4c·u·‖Ā‖_F²·(1 + 10⁻⁶)``, the last factor
        covering the float64 evaluation of ``‖Ā‖_F²`` (``≤ γ_{n·n'}`` relative).
@@ -231,15 +231,22 @@ class _SymbolGram:
             right = torch.cat([taps[b] for _, b in pair_list], dim=1)
             return left @ right.T
 
-        # Real part: rows [P_0, P_d + P_dᵀ for d ∈ H] (cosine coefficients); imaginary part: rows [P_d − P_dᵀ]
-        # (minus-sine coefficients). Two real GEMMs form a batch of G(ν) (no zero rows are multiplied).
-        self.basis_real = taps.new_empty(1 + len(self.offsets), n * n)
-        self.basis_real[0] = product(zero).reshape(n * n)
-        self.basis_imag = taps.new_empty(len(self.offsets), n * n)
-        for row, d in enumerate(self.offsets):
-            p = product(pairs[d])
-            self.basis_real[row + 1] = (p + p.T).reshape(n * n)
-            self.basis_imag[row] = (p - p.T).reshape(n * n)
+        # One real GEMM forms a batch of G(ν) directly in complex128's memory layout (real and imaginary parts
+        # interleaved): the basis rows [P_0, P_d + P_dᵀ for d ∈ H] (cosine coefficients) fill the real slots,
+        # the rows [P_d − P_dᵀ] (minus-sine coefficients) the imaginary ones, and the other slot of each row
+        # holds exact zeros. A product with an exact zero adds exactly nothing, so each computed entry is still
+        # a sum of 2|H| + 1 terms (the error model's γ_{2|H|+1}), and no interleaving copy is needed.
+        rows = 1 + 2 * len(self.offsets)
+        if self.offsets:
+            self.basis = taps.new_zeros(rows, n * n, 2)
+            self.basis[0, :, 0] = product(zero).reshape(n * n)
+            for row, d in enumerate(self.offsets):
+                p = product(pairs[d])
+                self.basis[row + 1, :, 0] = (p + p.T).reshape(n * n)
+                self.basis[1 + len(self.offsets) + row, :, 1] = (p - p.T).reshape(n * n)
+            self.basis = self.basis.reshape(rows, 2 * n * n)
+        else:  # a constant symbol: G = P_0, real
+            self.basis = product(zero).reshape(1, n * n)
         # Every entry of every P_d is a sum of ≤ m products of tap entries, so |entry| ≤ m·max|A|²: finiteness of
         # the taps and that a-priori size rule out overflow without scanning the (large) basis.
         largest = float(taps.abs().max())
@@ -265,22 +272,35 @@ class _SymbolGram:
         keep = nu_h * m_w + nu_w <= ((-nu_h) % m_h) * m_w + (-nu_w) % m_w
         return nu_h[keep], nu_w[keep]
 
-    def form(self, nu_h: torch.Tensor, nu_w: torch.Tensor) -> torch.Tensor:
-        """Computed ``Ĝ(ν)`` for a batch of frequencies: ``(F, n, n)`` complex128 (float64 if constant)."""
+    def form(
+        self, nu_h: torch.Tensor, nu_w: torch.Tensor, out: torch.Tensor | None = None, negate: bool = False
+    ) -> torch.Tensor:
+        """Computed ``Ĝ(ν)`` (``−Ĝ(ν)`` with ``negate``; the negation is exact) for a batch of frequencies:
+        ``(F, n, n)`` complex128 (float64 if constant), written into ``out`` when given (a reused workspace:
+        fresh allocations of this size cost more in page faults than the GEMM itself)."""
         n, count = self.n, len(nu_h)
+        if out is None:
+            out = torch.empty(count, n, n, dtype=self.dtype, device=self.basis.device)
+        if not out.is_contiguous():  # the GEMM below writes through a view; a copy would be silently lost
+            raise ValueError("form() needs a contiguous output buffer")
         if not self.offsets:
-            return self.basis_real.reshape(1, n, n).expand(count, n, n).clone()
+            out.copy_(self.basis.reshape(1, n, n).expand(count, n, n))
+            return out.neg_() if negate else out
         m_h, m_w = self.torus
         d_h = torch.tensor([d[0] for d in self.offsets], dtype=torch.long)
         d_w = torch.tensor([d[1] for d in self.offsets], dtype=torch.long)
         # φ = 2π·k/(M_h·M_w), k an exact integer reduced modulo M_h·M_w.
         k = (nu_h[:, None] * d_h[None] * m_w + nu_w[:, None] * d_w[None] * m_h) % (m_h * m_w)
         angle = (2 * math.pi / (m_h * m_w)) * k.double()
-        device = self.basis_real.device
-        cosines = torch.cat([torch.ones(count, 1, dtype=torch.float64), angle.cos()], dim=1).to(device)
-        real = cosines @ self.basis_real  # (F, n²): 1 + |H| terms
-        imag = (-angle.sin()).to(device) @ self.basis_imag  # (F, n²): |H| terms
-        return torch.complex(real, imag).reshape(count, n, n)
+        coefficients = torch.cat([torch.ones(count, 1, dtype=torch.float64), angle.cos(), -angle.sin()], dim=1)
+        if negate:
+            coefficients.neg_()
+        torch.mm(coefficients.to(self.basis.device), self.basis, out=torch.view_as_real(out).reshape(count, 2 * n * n))
+        return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.complex128 if self.offsets else torch.float64
 
 
 def _power_estimates(grams: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -294,13 +314,18 @@ def _power_estimates(grams: torch.Tensor, iterations: int) -> torch.Tensor:
     return (vector.mH @ grams @ vector).real.reshape(-1)
 
 
-def _cholesky_fails(grams: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices of the matrices for which ``T·I − Ĝ`` is *not* verified positive definite (overwrites ``grams``)."""
-    matrices = grams.neg_()
+def _cholesky_fails(negated_grams: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the matrices for which ``T·I − Ĝ`` is *not* verified positive definite, given ``−Ĝ``
+    (overwritten: the factorisation runs in place)."""
+    matrices = negated_grams
     matrices.diagonal(dim1=-2, dim2=-1).add_(threshold)
     # The input is finite (checked on the basis, see _SymbolGram), so LAPACK's success (info = 0: every
-    # pivot positive, none NaN) is the hypothesis of Higham's Thm 10.5.
-    _, info = torch.linalg.cholesky_ex(matrices)
+    # pivot positive, none NaN) is the hypothesis of Higham's Thm 10.5. The factorisation runs in place on
+    # the transposed view (column-major for LAPACK: no copy, no fresh allocation); that view is the
+    # transpose (= the conjugate, for a Hermitian matrix) of the same matrix, with the same eigenvalues, and
+    # whichever triangle LAPACK reads defines a Hermitian matrix within ε_form of G entrywise.
+    info = torch.empty(matrices.shape[0], dtype=torch.int32, device=matrices.device)
+    torch.linalg.cholesky_ex(matrices.mT, out=(matrices.mT, info))
     return (info != 0).nonzero().reshape(-1).cpu()  # the frequency index tensors live on the CPU
 
 
@@ -346,6 +371,10 @@ def _lanczos_top(matrix: torch.Tensor, steps: int) -> float:
     return float(torch.linalg.eigvalsh(tridiagonal)[-1])
 
 
+def _batches(length: int) -> list[slice]:
+    return [slice(s, s + _FREQUENCY_CHUNK) for s in range(0, length, _FREQUENCY_CHUNK)]
+
+
 def _verified_max_eigenvalue(symbol: _SymbolGram) -> float:
     """Guaranteed upper bound on ``max_ν λ_max(G(ν))`` (error model in the module docstring).
 
@@ -370,38 +399,33 @@ def _verified_max_eigenvalue(symbol: _SymbolGram) -> float:
     count, n = len(nu_h), symbol.n
     _count("frequencies", count)
     floor = _THRESHOLD_MARGIN * symbol.scale + 1e-300
-    complex_dtype = torch.complex128 if symbol.offsets else torch.float64
-    keep = count * n * n * 16 <= _KEEP_BYTES
-    stored = None
+    # One workspace for every batch of this layer: forming a batch again costs less than keeping all of them
+    # (a fresh allocation of this size is dominated by its page faults).
+    workspace = torch.empty(min(count, _FREQUENCY_CHUNK), n, n, dtype=symbol.dtype, device=symbol.basis.device)
+
+    def formed(indices: torch.Tensor, negate: bool = False) -> torch.Tensor:
+        return symbol.form(nu_h[indices], nu_w[indices], out=workspace[: len(indices)], negate=negate)
+
+    chunks = _batches(count)
+    everything = torch.arange(count)
     if count == 1 or n <= _SOLVE_ALL_UP_TO:
         if count == 1 and n > _SOLVE_ALL_UP_TO:  # a large constant symbol: Lanczos instead of an eigen-solve
-            solved = _lanczos_top(symbol.form(nu_h, nu_w)[0], _LANCZOS_STEPS)
+            solved = _lanczos_top(formed(everything)[0], _LANCZOS_STEPS)
             _count("lanczos", 1)
         else:  # cheap enough to solve every frequency: the threshold sits just above the exact maximum
-            solved = max(float(torch.linalg.eigvalsh(symbol.form(nu_h[s:s + _FREQUENCY_CHUNK],
-                                                                 nu_w[s:s + _FREQUENCY_CHUNK]))[..., -1].max())
-                         for s in range(0, count, _FREQUENCY_CHUNK))
+            solved = max(float(torch.linalg.eigvalsh(formed(everything[rows]))[..., -1].max()) for rows in chunks)
             _count("eigen_solves", count)
-        order, first_batch = torch.arange(count), _FREQUENCY_CHUNK
+        order, first_batch = everything, _FREQUENCY_CHUNK
         level = max(solved, 0.0) * (1.0 + _THRESHOLD_MARGIN) + floor
     else:
-        if keep:
-            stored = torch.empty(count, n, n, dtype=complex_dtype, device=symbol.basis_real.device)
-        estimates = []
-        for s in range(0, count, _FREQUENCY_CHUNK):
-            grams = symbol.form(nu_h[s:s + _FREQUENCY_CHUNK], nu_w[s:s + _FREQUENCY_CHUNK])
-            estimates.append(_power_estimates(grams, _ESTIMATE_ITERATIONS).cpu())
-            if stored is not None:
-                stored[s:s + len(grams)] = grams
-        estimates = torch.cat(estimates)
+        estimates = torch.cat([_power_estimates(formed(everything[rows]), _ESTIMATE_ITERATIONS).cpu()
+                               for rows in chunks])
         # Rank on estimates rounded to 7 digits (stable sort: ties by index), so that the order, and with it
         # the thresholds tried, does not depend on the last bits that thread counts change.
         scale = float(estimates.abs().max()) or 1.0
         quantised = torch.round(estimates / scale * 1e7)
         order = torch.sort(quantised, descending=True, stable=True).indices
-        top = int(order[0])
-        top_gram = stored[top] if stored is not None else symbol.form(nu_h[top:top + 1], nu_w[top:top + 1])[0]
-        solved = _lanczos_top(top_gram, _LANCZOS_STEPS)
+        solved = _lanczos_top(formed(order[:1])[0], _LANCZOS_STEPS)
         _count("lanczos", 1)
         level, first_batch = max(solved, 0.0) * (1.0 + _FIRST_MARGIN) + floor, _FIRST_BATCH
 
@@ -413,10 +437,8 @@ def _verified_max_eigenvalue(symbol: _SymbolGram) -> float:
         nonlocal verified_at
         _count("factorisations", len(pending))
         failing = torch.cat([
-            pending[rows][_cholesky_fails(
-                stored[pending[rows]] if stored is not None else symbol.form(nu_h[pending[rows]], nu_w[pending[rows]]),
-                at)]
-            for rows in [slice(s, s + _FREQUENCY_CHUNK) for s in range(0, len(pending), _FREQUENCY_CHUNK)]
+            pending[rows][_cholesky_fails(formed(pending[rows], negate=True), at)]
+            for rows in _batches(len(pending))
         ])
         if final and len(failing) < len(pending):
             verified_at = max(verified_at, at)
@@ -450,7 +472,8 @@ def _verified_max_eigenvalue(symbol: _SymbolGram) -> float:
         # Never passed (pathological): eigen-solve what is left and verify just above it, with growing margins.
         margin = _THRESHOLD_MARGIN
         for _ in range(8):
-            solved = float(torch.linalg.eigvalsh(symbol.form(nu_h[pending], nu_w[pending]))[..., -1].max())
+            solved = max(float(torch.linalg.eigvalsh(formed(pending[rows]))[..., -1].max())
+                         for rows in _batches(len(pending)))
             _count("eigen_solves", len(pending))
             at = max(solved, 0.0) * (1.0 + margin) + floor
             pending = verify(pending, at)
@@ -469,7 +492,7 @@ def _verified_max_eigenvalue(symbol: _SymbolGram) -> float:
             level = max(level, search(failed, level))
         start += len(batch)
         size = min(2 * size, _FREQUENCY_CHUNK)
-    del stored
+    del workspace
     return _certified(symbol, verified_at)
 
 
