@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the raw results to this file")
     parser.add_argument("--no-memory", action="store_true", help="time only (skip the memory subprocesses)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="time with glibc's default malloc (the trainer's retain_cpu_memory=False)")
     parser.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -210,9 +212,14 @@ def main() -> None:
         return
 
     import hf_gloro  # noqa: F401  (timm registration before the table header)
+    from hf_gloro.cpu_allocator import retain_freed_memory
+
+    # As GloRoTrainer.train() does on the CPU (retain_cpu_memory=True); the memory subprocesses are unaffected.
+    retained = False if args.default_malloc else retain_freed_memory()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU(s), "
-          f"load {os.getloadavg()[0]:.1f}; {args.repeats} interleaved repetitions after {args.warmup} warm-up steps; "
+          f"load {os.getloadavg()[0]:.1f}, freed memory retained: {retained}; "
+          f"{args.repeats} interleaved repetitions after {args.warmup} warm-up steps; "
           "medians\n")
     print("| backbone | batch | power its/step | GloRo step (ms) | plain step (ms) | time ratio | GloRo / plain img/s | "
           "peak step memory GloRo / plain (MB) | memory ratio | saved-for-backward GloRo / plain (MB) | "
@@ -238,7 +245,8 @@ def main() -> None:
                   flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"threads": args.threads, "repeats": args.repeats, "results": results}, handle, indent=2)
+            json.dump({"threads": args.threads, "repeats": args.repeats, "retained_memory": retained,
+                       "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ from torch import nn
 from .bounded import ConstantLipschitz
 
 
+def _functional_only(tensor: torch.Tensor) -> bool:
+    """True where ``out=`` cannot be used: a double backward (``out=`` is not differentiable) or inside a
+    functorch transform (vmap/jacrev have no batching rule for ``out=``)."""
+    return (torch.is_grad_enabled() and tensor.requires_grad) or torch._C._are_functorch_transforms_active()
+
+
 class _SortPairs(torch.autograd.Function):
     """``[max(a, b), min(a, b)]`` for the channel halves ``a, b`` of ``x``, with a cheap backward.
 
@@ -24,7 +30,15 @@ class _SortPairs(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)
-        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+        if _functional_only(x):
+            return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+        # Written into the two halves of one output (x's memory format): a concatenation of channels-last
+        # halves is a slow strided copy on the CPU.
+        out = torch.empty_like(x)
+        top, bottom = out.chunk(2, dim=1)
+        torch.maximum(a, b, out=top)
+        torch.minimum(a, b, out=bottom)
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -38,11 +52,21 @@ class _SortPairs(torch.autograd.Function):
     @staticmethod
     def _route(wins: torch.Tensor, ties: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
         top, bottom = incoming.chunk(2, dim=1)
-        to_a, to_b = torch.where(wins, top, bottom), torch.where(wins, bottom, top)
+        if _functional_only(incoming):
+            to_a, to_b = torch.where(wins, top, bottom), torch.where(wins, bottom, top)
+            if bool(ties.any()):
+                shared = (top + bottom) * 0.5
+                to_a, to_b = torch.where(ties, shared, to_a), torch.where(ties, shared, to_b)
+            return torch.cat([to_a, to_b], dim=1)
+        routed = torch.empty_like(incoming)
+        to_a, to_b = routed.chunk(2, dim=1)
+        torch.where(wins, top, bottom, out=to_a)
+        torch.where(wins, bottom, top, out=to_b)
         if bool(ties.any()):
             shared = (top + bottom) * 0.5
-            to_a, to_b = torch.where(ties, shared, to_a), torch.where(ties, shared, to_b)
-        return torch.cat([to_a, to_b], dim=1)
+            to_a.copy_(torch.where(ties, shared, to_a))
+            to_b.copy_(torch.where(ties, shared, to_b))
+        return routed
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
