@@ -421,7 +421,7 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
                                 constants.sub_lipschitz, result.logits, result.float64_rows, constants.norm)
 
     # --- persistence --------------------------------------------------------------------------------
-    def verify_recorded_bound(self, rtol: float = 1e-6) -> float:
+    def verify_recorded_bound(self, rtol: float = 1e-6, where: str = "the checkpoint") -> float:
         """Recompute the guaranteed bound and compare it with ``config.lipschitz_constant``.
 
         Raises :class:`InconsistentCheckpointError` if the recorded value is smaller than the recomputed
@@ -431,9 +431,10 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         recorded = self.config.lipschitz_constant
         if recorded is not None and recorded < bound * (1 - rtol):
             raise InconsistentCheckpointError(
-                f"the checkpoint records lipschitz_constant={recorded!r} but its weights give a guaranteed "
-                f"bound of {bound!r}; refusing to load a model whose recorded bound is too small "
-                "(tampered or inconsistent checkpoint)"
+                f"{where}: config.json records lipschitz_constant={recorded!r} but the weights give a guaranteed "
+                f"bound of {bound!r}; refusing to load a model whose recorded bound is too small (tampered or "
+                "inconsistent checkpoint; if you deliberately changed a setting that changes the bound, e.g. "
+                "norm=..., pass lipschitz_constant=None to from_pretrained to record the recomputed bound)"
             )
         return bound
 
@@ -447,12 +448,12 @@ class GloRoForImageClassification(GloRoPreTrainedModel):
         problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in
                     ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {kind: keys for kind, keys in problems.items() if keys}
+        where = str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "the checkpoint"))
         if problems:
-            where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the checkpoint")
             details = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:8])}"
                                 f"{' …' if len(keys) > 8 else ''}" for kind, keys in problems.items())
             raise InconsistentCheckpointError(f"{where}: the weights do not match the model ({details})")
-        model.verify_recorded_bound()
+        model.verify_recorded_bound(where=where)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -192,6 +192,19 @@ def test_lowered_recorded_bound_is_refused(tmp_path):
         AutoModelForImageClassification.from_pretrained(tmp_path)
 
 
+def test_changed_norm_is_refused_unless_the_recorded_bound_is_reset(tmp_path):
+    """An L2 checkpoint loaded as L∞ has a larger bound than it records: refused with a message that names the
+    folder and the way out; with ``lipschitz_constant=None`` it loads and certifies in L∞."""
+    import re
+
+    small_model().save_pretrained(tmp_path)
+    with pytest.raises(InconsistentCheckpointError, match=re.escape(str(tmp_path)) + ".*lipschitz_constant=None"):
+        AutoModelForImageClassification.from_pretrained(tmp_path, norm="linf")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path, norm="linf", lipschitz_constant=None)
+    size, channels = model.config.image_size, model.config.num_channels
+    assert model.certify(torch.rand(2, channels, size, size)).norm == "linf"
+
+
 def test_weights_scaled_after_saving_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -111,14 +111,15 @@ class LipschitzConv2d(_ConvGeometry, LipschitzBounded, nn.Conv2d):
     def linf_to_l2_upper_bound(self) -> float:
         """Guaranteed ``‖conv‖∞→2`` at ``input_size`` (the L∞ certificate's first-layer bound;
         :mod:`hf_gloro.lipschitz.linf`), cached under the same key as the L2 bound (weights and settings)."""
+        # effective_kernel(), like the L2 bound: a subclass that changes the kernel changes every bound with it.
         return self._cached("linf_to_l2", lambda: min(conv2d_linf_to_l2_bounds(
-            self.weight, self.input_size, self.stride, self.padding, self.dilation, self.groups,
+            self.effective_kernel(), self.input_size, self.stride, self.padding, self.dilation, self.groups,
             spectral_bound=self.lipschitz_upper_bound()).values()))
 
     def linf_to_l2_estimate(self, spectral_estimate: torch.Tensor) -> torch.Tensor:
         """Differentiable training estimate of :meth:`linf_to_l2_upper_bound` (``spectral_estimate`` ≈ ‖conv‖₂)."""
-        return conv2d_linf_to_l2_estimate(self.weight, self.input_size, self.stride, self.padding, self.dilation,
-                                          self.groups, spectral_estimate)
+        return conv2d_linf_to_l2_estimate(self.effective_kernel(), self.input_size, self.stride, self.padding,
+                                          self.dilation, self.groups, spectral_estimate)
 
     def _bound_dependencies(self) -> tuple[torch.Tensor, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
