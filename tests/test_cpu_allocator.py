@@ -9,8 +9,12 @@ import sys
 import pytest
 
 _SCRIPT = r"""
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from hf_gloro.cpu_allocator import retain_freed_memory
+# Start from glibc's initial thresholds (128 KiB; they otherwise drift with whatever the imports allocated), so
+# the baseline hands every buffer back and faults it in again, deterministically.
+libc = ctypes.CDLL("libc.so.6")
+assert libc.mallopt(-1, 128 * 1024) == 1 and libc.mallopt(-3, 128 * 1024) == 1  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def step():  # a training step's pattern: several activation-sized buffers live at once, then all freed
