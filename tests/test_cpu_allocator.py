@@ -10,11 +10,11 @@ import pytest
 
 _SCRIPT = r"""
 import ctypes, resource, sys, torch
-from hf_gloro.cpu_allocator import retain_freed_memory
+from hf_gloro.cpu_allocator import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, retain_freed_memory
 # Start from glibc's initial thresholds (128 KiB; they otherwise drift with whatever the imports allocated), so
 # the baseline hands every buffer back and faults it in again, deterministically.
 libc = ctypes.CDLL("libc.so.6")
-assert libc.mallopt(-1, 128 * 1024) == 1 and libc.mallopt(-3, 128 * 1024) == 1  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+assert libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024) == 1
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def step():  # a training step's pattern: several activation-sized buffers live at once, then all freed

@@ -56,10 +56,12 @@ Error model of the convolution bound (``u = 2⁻⁵³``, ``γ_k = k·u/(1 − k�
        ``|ΔP_d| ≤ γ_m Σ|A_q||A_q'|ᵀ``. ``P_d ± P_dᵀ``: one rounding (``u``). The phase ``φ = 2π·k/(M_h M_w)``
        has an exact integer ``k`` reduced modulo ``M_h M_w``; its two roundings and those of ``cos``/``sin``
        (libm/SLEEF, ≤ 4 ulp) give an absolute error ``≤ 32u`` in each coefficient. The combination is a sum
-       of at most ``2|H| + 1`` terms (``γ_{2|H|+1}``; the real part has ``1 + |H|`` nonzero terms, the imaginary part ``|H|``; one GEMM forms both, the other slots multiplying exact zeros, which add nothing). Real and imaginary parts
-       each err by at most ``c·u·W`` with ``c = m + 2|H| + 41`` (first order; doubled for the higher-order
-       terms) and ``W = Σ_{q,q'}|A_q||A_q'|ᵀ = ĀĀᵀ``, ``Ā = Σ_q |A_q|``, hence ``‖Ĝ − G‖₂ ≤ ‖|ΔG|‖₂ ≤ ε_form := 4c·u·‖Ā‖_F²·(1 + 10⁻⁶)``, the last factor
-       covering the float64 evaluation of ``‖Ā‖_F²`` (``≤ γ_{n·n'}`` relative).
+       of at most ``2|H| + 1`` terms (``γ_{2|H|+1}``; the real part has ``1 + |H|`` nonzero terms, the imaginary
+       part ``|H|``; one GEMM forms both, the other slots multiplying exact zeros, which add nothing). Real and
+       imaginary parts each err by at most ``c·u·W`` with ``c = m + 2|H| + 41`` (first order; doubled for the
+       higher-order terms) and ``W = Σ_{q,q'}|A_q||A_q'|ᵀ = ĀĀᵀ``, ``Ā = Σ_q |A_q|``, hence
+       ``‖Ĝ − G‖₂ ≤ ‖|ΔG|‖₂ ≤ ε_form := 4c·u·‖Ā‖_F²·(1 + 10⁻⁶)``, the last factor covering the float64
+       evaluation of ``‖Ā‖_F²`` (``≤ γ_{n·n'}`` relative).
     2. *Verification.* ``Ã = fl(T·I − Ĝ)`` differs from ``T·I − Ĝ`` only on the diagonal, by ``≤ u·Ã_ii``.
        LAPACK factors the Hermitian matrix given by ``Ã``'s lower triangle (``Ĝ``'s diagonal is real: the
        imaginary part is ``−Σ (P_d − P_dᵀ)_ii sin φ = 0`` exactly). If the Cholesky factorisation succeeds,
@@ -113,11 +115,8 @@ _SEARCH_ROUNDS = 60
 #: Size of the first verification batch (then doubled up to ``_FREQUENCY_CHUNK``).
 _FIRST_BATCH = 4
 
-#: Frequencies formed and factorised per batch (memory ≈ batch · n² · 16 bytes twice).
+#: Frequencies formed and factorised per batch (memory ≈ batch · n² · 16 bytes: one workspace, factorised in place).
 _FREQUENCY_CHUNK = 32
-
-#: Formed Gram matrices are kept between the estimation and the verification pass up to this many bytes.
-_KEEP_BYTES = 768 * 2**20
 
 #: Power iterations per frequency used only to *choose* the threshold (never part of the bound).
 _ESTIMATE_ITERATIONS = 2
@@ -492,7 +491,6 @@ def _verified_max_eigenvalue(symbol: _SymbolGram) -> float:
             level = max(level, search(failed, level))
         start += len(batch)
         size = min(2 * size, _FREQUENCY_CHUNK)
-    del workspace
     return _certified(symbol, verified_at)
 
 
